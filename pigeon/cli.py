@@ -1,0 +1,100 @@
+"""``pigeon …`` commands: each is a thin call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _params(args: argparse.Namespace):
+    from pigeon.config import load_params
+
+    return load_params(args.params, args.profile, args.set or ())
+
+
+def _add_params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--profile", default=None, help="profile merged over the params (env PIGEON_PROFILE)")
+    p.add_argument("--set", "-s", action="append", metavar="KEY=VALUE", help="override, e.g. dpo.beta=0.2")
+    p.add_argument("--workspace", default=".", help="workspace root (default: current folder)")
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from pigeon.paths import Workspace
+    from pigeon.runtime import seed_everything, setup_torch
+    from pigeon.stages import run_stage
+
+    params = _params(args)
+    setup_torch(params.threads)
+    seed_everything(params.seed)
+    result = run_stage(args.name, params, Workspace.at(args.workspace))
+    print(json.dumps(result, indent=None, default=str))
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from pigeon.config import dump_params
+    from pigeon.io import atomic_write_text
+
+    text = dump_params(_params(args))
+    if args.write:
+        atomic_write_text(args.write, text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from pigeon.data.fetch import fetch_dataset
+
+    params = _params(args)
+    out = Path(args.out) if args.out else Path(args.workspace) / "data" / "raw"
+    summary = fetch_dataset(params.data, out)
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pigeon", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from pigeon.stages import STAGES
+
+    p = sub.add_parser("stage", help="run one pipeline stage")
+    p.add_argument("name", choices=STAGES)
+    _add_params_args(p)
+    p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("params", help="print (or --write) the validated, merged params")
+    _add_params_args(p)
+    p.add_argument("--write", default=None, help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_params)
+
+    data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("fetch", help="build data/raw from the pinned package tarballs")
+    _add_params_args(p)
+    p.add_argument("--out", default=None, help="output folder (default: <workspace>/data/raw)")
+    p.set_defaults(func=cmd_data_fetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pigeon.errors import PigeonError
+    from pigeon.runtime import set_offline_env
+
+    set_offline_env()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PigeonError as exc:
+        print(f"pigeon: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("pigeon: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

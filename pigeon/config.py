@@ -1,0 +1,408 @@
+"""Typed, validated configuration: one frozen class per ``params.yaml`` section.
+
+An unknown or mistyped key, a wrong type or an out-of-range value fails with a one-line
+``ConfigError`` that names the key. Profiles (``profiles/<name>.yaml``) are deep-merged over
+``params.yaml``; the profile is chosen by ``--profile`` or the ``PIGEON_PROFILE`` variable.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pigeon.errors import ConfigError
+
+STYLES = (
+    "twemoji",
+    "noto",
+    "noto-v1",
+    "openmoji",
+    "openmoji-black",
+    "fluent-emoji-flat",
+    "fluent-emoji-high-contrast",
+    "fluent-3d",
+    "emojione",
+    "emojione-monotone",
+)
+
+
+class Section(BaseModel):
+    """Base of every section: frozen, strict about unknown keys, finite numbers only."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+Fraction = Field(ge=0.0, le=1.0)
+
+
+class DataConfig(Section):
+    styles: tuple[str, ...] = Field(STYLES, description="Vendor styles to build, ids as in DATA.md.")
+    sizes: tuple[int, ...] = Field((32, 64), description="Square image sizes rendered, in pixels.")
+    drop_groups: tuple[str, ...] = Field(("symbols",), description="Emoji groups left out.")
+    max_emoji: int | None = Field(None, ge=1, description="Keep only the first N shared emoji (tests).")
+    normalize_bbox: bool = Field(False, description="Scale every glyph to fill the canvas (ablation).")
+    cache_dir: str = Field(".cache/npm", description="Where fetched package tarballs are kept.")
+
+    @field_validator("styles")
+    @classmethod
+    def _known_styles(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for style in value:
+            if style not in STYLES:
+                raise ValueError(f"unknown style {style!r} (known: {', '.join(STYLES)})")
+        if len(set(value)) != len(value) or len(value) < 2:
+            raise ValueError("needs at least 2 distinct styles")
+        return value
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(s not in (16, 32, 64, 128) for s in value):
+            raise ValueError("sizes must be among 16, 32, 64, 128")
+        return value
+
+
+class SimulateConfig(Section):
+    num_users: int = Field(1000, ge=10, description="Simulated users.")
+    min_interactions: int = Field(12, ge=6, description="Shortest interaction sequence.")
+    max_interactions: int = Field(30, ge=6, description="Longest interaction sequence.")
+    noise_rate: float = Field(0.2, ge=0.0, lt=1.0, description="Share of history items in other styles.")
+    min_groups: int = Field(1, ge=1, description="Fewest preferred emoji groups per user.")
+    max_groups: int = Field(3, ge=1, description="Most preferred emoji groups per user.")
+    group_focus: float = Field(0.8, ge=0.0, le=1.0, description="Share of items from preferred groups.")
+    window: int = Field(6, ge=2, description="Window length: history + 1 target.")
+    split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/val/test user shares.")
+    noise_tolerance: float = Field(0.05, gt=0.0, le=0.5, description="Validation tolerance on noise rate.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SimulateConfig":
+        if self.max_interactions < self.min_interactions:
+            raise ValueError("max_interactions must be >= min_interactions")
+        if self.max_groups < self.min_groups:
+            raise ValueError("max_groups must be >= min_groups")
+        if self.min_interactions < self.window:
+            raise ValueError("min_interactions must be >= window")
+        if any(s <= 0 for s in self.split) or not math.isclose(sum(self.split), 1.0, abs_tol=1e-6):
+            raise ValueError("split must be three positive shares summing to 1")
+        return self
+
+
+class VQConfig(Section):
+    block_channels: tuple[int, ...] = Field((32, 64, 128), description="VQModel block widths.")
+    latent_channels: int = Field(32, ge=1)
+    code_dim: int = Field(16, ge=1, description="Codebook vector size (vq_embed_dim).")
+    codebook_size: int = Field(512, ge=2, description="K, the visual vocabulary.")
+    layers_per_block: int = Field(1, ge=1)
+
+
+class LMConfig(Section):
+    hidden_size: int = Field(256, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(688, ge=8)
+    max_caption_tokens: int = Field(12, ge=2, description="Caption tokens in the prompt (left-padded).")
+
+    @model_validator(mode="after")
+    def _heads(self) -> "LMConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        return self
+
+
+class DiffusionConfig(Section):
+    block_channels: tuple[int, ...] = Field((32, 64, 64))
+    cross_attention_dim: int = Field(64, ge=8)
+    train_timesteps: int = Field(1000, ge=10)
+    inference_steps: int = Field(25, ge=1)
+
+
+class BackboneConfig(Section):
+    kind: Literal["tiny", "janus"] = Field("tiny", description="Which LMM backs the model.")
+    image_size: int = Field(32, description="Image size the model reads and writes.")
+    detokenizer: Literal["vq", "diffusion"] = Field("vq", description="Codes → pixels path.")
+    vq: VQConfig = VQConfig()
+    lm: LMConfig = LMConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    janus_path: str | None = Field(None, description="Local folder of a Janus checkpoint (janus kind).")
+    trust_remote_code: bool = Field(False, description="Only for a local backbone path you trust.")
+
+    @model_validator(mode="after")
+    def _janus(self) -> "BackboneConfig":
+        if self.kind == "janus" and not self.janus_path:
+            raise ValueError("backbone.janus_path is required when backbone.kind is 'janus'")
+        return self
+
+
+class FoundationConfig(Section):
+    vq_steps: int = Field(545, ge=0)
+    vq_batch_size: int = Field(64, ge=1)
+    vq_lr: float = Field(1e-3, gt=0)
+    dead_code_every: int = Field(50, ge=1, description="Re-seed unused codes every N steps.")
+    lm_steps: int = Field(250, ge=0)
+    lm_batch_size: int = Field(16, ge=1)
+    lm_lr: float = Field(1e-3, gt=0)
+    diffusion_steps: int = Field(0, ge=0, description="Diffusion detokenizer steps (gpu profile).")
+    diffusion_batch_size: int = Field(64, ge=1)
+    diffusion_lr: float = Field(2e-4, gt=0)
+    holdout_fraction: float = Field(0.05, gt=0, lt=0.5, description="Held-out images for recon metrics.")
+    checkpoint_every: int = Field(100, ge=1)
+
+
+class MaskConfig(Section):
+    alpha_hist: float = Field(0.2, ge=0.0, lt=1.0, description="Share of history tokens masked out.")
+    mode: Literal["trained", "released", "none"] = Field(
+        "trained",
+        description="trained: straight-through mask learns; released: no gradient (authors' code); "
+        "none: keep every history token.",
+    )
+    num_heads: int = Field(4, ge=1)
+
+
+class ModelConfig(Section):
+    history_len: int = Field(5, ge=1, description="History images per window.")
+    mask: MaskConfig = MaskConfig()
+    adapter_hidden: int = Field(512, ge=1, description="Adapter MLP hidden width.")
+    use_adapter: bool = Field(True, description="Feed the <emb> vector (ablation: off).")
+
+
+class LoraConfig(Section):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"))
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int = Field(0, ge=0, description="0 = no top-k.")
+
+
+class Stage1Config(Section):
+    lora: LoraConfig = LoraConfig()
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Stop after N steps (smoke).")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    val_windows: int = Field(256, ge=1, description="Fixed, seeded validation subset.")
+    eval_every: int = Field(50, ge=1)
+    patience: int = Field(3, ge=1, description="Early stopping: evaluations without improvement.")
+    checkpoint_every: int = Field(50, ge=1)
+
+
+class CandidatesConfig(Section):
+    alpha_sweep: tuple[float, ...] = Field(tuple(round(0.1 * i, 1) for i in range(11)))
+    train_windows: int = Field(300, ge=1, description="Training windows that get candidates.")
+    val_windows: int = Field(48, ge=1, description="Validation windows (held-out DPO pairs).")
+    shard_size: int = Field(32, ge=1, description="Windows per shard.")
+    batch_size: int = Field(64, ge=1, description="Sequences generated at once.")
+    sampling: SamplingConfig = SamplingConfig()
+
+    @field_validator("alpha_sweep")
+    @classmethod
+    def _sweep(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if len(value) < 2 or any(not 0.0 <= a <= 1.0 for a in value):
+            raise ValueError("alpha_sweep needs at least 2 values in [0, 1]")
+        return value
+
+
+class RankConfig(Section):
+    w_history: float = Field(0.5, ge=0.0, description="Weight of mean similarity to the 5 history images.")
+    w_reference: float = Field(0.5, ge=0.0, description="Weight of similarity to the reference.")
+    min_margin: float = Field(0.01, ge=0.0, description="Drop windows whose chosen-rejected margin is lower.")
+
+    @model_validator(mode="after")
+    def _weights(self) -> "RankConfig":
+        if self.w_history + self.w_reference <= 0:
+            raise ValueError("w_history + w_reference must be positive")
+        return self
+
+
+class DPOConfig(Section):
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid")
+    beta: float = Field(0.1, gt=0.0)
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    train_adapter: bool = Field(True, description="Also train the adapter MLP (LoRA always trains).")
+    checkpoint_every: int = Field(20, ge=1)
+
+
+class EvaluatorsConfig(Section):
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    width: int = Field(32, ge=4, description="Base channel width of the evaluator CNN.")
+    feature_dim: int = Field(128, ge=8)
+    clip_path: str | None = Field(None, description="Local CLIP folder for the paper's CLIP metrics.")
+    dino_path: str | None = Field(None, description="Local DINO folder for the paper's DINO metrics.")
+
+
+class EvaluateConfig(Section):
+    test_windows: int = Field(160, ge=1, description="Test windows scored (seeded subset).")
+    alpha_ref: float = Field(0.5, ge=0.0, le=1.0, description="Fixed α_r of the 'Pigeon' row.")
+    select_sweep: tuple[float, ...] = Field((0.2, 0.4, 0.6, 0.8), description="α_r swept for selection.")
+    batch_size: int = Field(64, ge=1)
+    bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples for 95% intervals.")
+    grid_users: int = Field(6, ge=1)
+    sampling: SamplingConfig = SamplingConfig()
+
+
+class RegisterConfig(Section):
+    model_name: str = Field("pigeon")
+    personalization_metric: str = Field("style_accuracy")
+    semantic_metric: str = Field("content_accuracy")
+    protocol: str = Field("ground_truth", description="Protocol whose headline numbers gate promotion.")
+    min_gain: float = Field(0.0, ge=0.0, description="Personalization must beat champion by more than this.")
+    semantic_tolerance: float = Field(0.02, ge=0.0, description="Allowed drop in the semantic metric.")
+
+
+class TrackingConfig(Section):
+    enabled: bool = Field(True)
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
+    experiment: str = Field("pigeon")
+    artifact_location: str = Field("mlartifacts", description="Artifact root for a new experiment.")
+
+
+class OrchestrationConfig(Section):
+    task_runner: Literal["thread", "dask"] = Field("thread")
+    dask_workers: int = Field(2, ge=1)
+    retries: int = Field(1, ge=0)
+    gpu_concurrency: int = Field(1, ge=1, description="Slots of the 'gpu' global concurrency limit.")
+
+
+warnings.filterwarnings("ignore", message='Field name "register"')
+
+
+class Params(Section):
+    """The whole ``params.yaml``."""
+
+    # "register" is a stage name; pydantic warns it shadows BaseModel.register (harmless).
+
+    profile: str = Field("default", description="profiles/<name>.yaml merged over this file.")
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto")
+    threads: int = Field(0, ge=0, description="Torch CPU threads; 0 = the cores that are free.")
+    data: DataConfig = DataConfig()
+    simulate: SimulateConfig = SimulateConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    foundation: FoundationConfig = FoundationConfig()
+    model: ModelConfig = ModelConfig()
+    stage1: Stage1Config = Stage1Config()
+    candidates: CandidatesConfig = CandidatesConfig()
+    rank: RankConfig = RankConfig()
+    dpo: DPOConfig = DPOConfig()
+    evaluators: EvaluatorsConfig = EvaluatorsConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    register: RegisterConfig = RegisterConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Params":
+        if self.backbone.image_size not in self.data.sizes:
+            raise ValueError(f"backbone.image_size {self.backbone.image_size} is not in data.sizes")
+        if self.simulate.window != self.model.history_len + 1:
+            raise ValueError("simulate.window must equal model.history_len + 1")
+        return self
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (typo?)"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) or err["type"] == "extra_forbidden" else f" (got {value!r})"
+    return f"{source}: {key}: {msg}{shown}"
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def parse_override(text: str) -> dict:
+    """``stage1.lr=3e-4`` → ``{"stage1": {"lr": 3e-4}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: bad value") from exc
+    out: dict = value
+    for part in reversed(key.strip().split(".")):
+        if not part:
+            raise ConfigError(f"override {text!r}: empty key")
+        out = {part: out}
+    return out
+
+
+def params_from_dict(data: dict, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(source, exc)) from None
+
+
+def load_raw_params(
+    path: str | Path = "params.yaml", profile: str | None = None, overrides: list[str] | tuple = ()
+) -> dict:
+    path = Path(path)
+    data = _read_yaml(path)
+    # Precedence: explicit argument, then PIGEON_PROFILE, then the file's own `profile` key.
+    profile = profile or os.environ.get("PIGEON_PROFILE") or data.get("profile") or "default"
+    data["profile"] = profile
+    if profile != "default":
+        profile_path = path.resolve().parent / "profiles" / f"{profile}.yaml"
+        if not profile_path.is_file():
+            raise ConfigError(f"profile {profile!r}: {profile_path} not found")
+        data = _deep_merge(data, _read_yaml(profile_path))
+    for text in overrides:
+        data = _deep_merge(data, parse_override(text))
+    return data
+
+
+def load_params(
+    path: str | Path = "params.yaml", profile: str | None = None, overrides: list[str] | tuple = ()
+) -> Params:
+    """Read params.yaml, merge the profile and ``KEY=VALUE`` overrides, validate."""
+    data = load_raw_params(path, profile, overrides)
+    source = str(path) + (f" (+profile {data['profile']})" if data["profile"] != "default" else "")
+    return params_from_dict(data, source)
+
+
+def dump_params(params: Params) -> str:
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+
+
+def section_dict(params: Params, *names: str) -> dict[str, Any]:
+    """The named sections as plain data (cache keys, MLflow params)."""
+    return {name: getattr(params, name).model_dump(mode="json") if isinstance(getattr(params, name), BaseModel)
+            else getattr(params, name) for name in names}

@@ -1,0 +1,1 @@
+"""Dataset building, user simulation, validation and torch-side loading."""

@@ -1,0 +1,1 @@
+"""Tokenizer, detokenizer, backbones, mask generator, personalization module, the Pigeon model."""
