@@ -40,6 +40,11 @@ class Backbone(nn.Module, ABC):
         """codes [B, T] → dense visual features [B, T, cond_dim] (codebook vectors, through the
         diffusion decoder's conditioning encoder where that decoder is enabled)."""
 
+    @abstractmethod
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] → pooled continuous tokenizer-encoder features [B, D] (pre-quantisation).
+        Used by the reward encoder; never by the evaluators."""
+
     # --- language model ---------------------------------------------------------------------
     @abstractmethod
     def tokenize_captions(self, captions: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
