@@ -51,8 +51,45 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
     params = _params(args)
     out = Path(args.out) if args.out else Path(args.workspace) / "data" / "raw"
-    summary = fetch_dataset(params.data, out)
+    summary = fetch_dataset(params.data, out, cache_root=Path(args.workspace))
     print(json.dumps(summary, default=str))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pigeon.paths import Workspace
+    from pigeon.runtime import setup_torch
+    from pigeon.serving import generate_file
+
+    params = _params(args)
+    setup_torch(params.threads)
+    summary = generate_file(params, Workspace.at(args.workspace), args.history, args.reference, args.caption,
+                            args.out, model_uri=args.model, alpha_ref=args.alpha_ref, seed=args.seed)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from pigeon.paths import Workspace
+    from pigeon.registry import promote, registry_client
+
+    params = _params(args)
+    client = registry_client(params, Workspace.at(args.workspace))
+    name = params.register.model_name
+    previous = promote(client, name, args.version, reason=f"manual: {args.reason}")
+    print(json.dumps({"model": name, "champion": str(args.version), "previous": previous}))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from pigeon.paths import Workspace
+    from pigeon.registry import registry_client, rollback
+
+    params = _params(args)
+    name = params.register.model_name
+    rolled_back, champion = rollback(registry_client(params, Workspace.at(args.workspace)), name,
+                                     reason=f"manual: {args.reason}")
+    print(json.dumps({"model": name, "champion": champion, "rolled_back": rolled_back}))
     return 0
 
 
@@ -77,6 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_args(p)
     p.add_argument("--out", default=None, help="output folder (default: <workspace>/data/raw)")
     p.set_defaults(func=cmd_data_fetch)
+
+    p = sub.add_parser("generate", help="personalize one reference image for a history of images")
+    _add_params_args(p)
+    p.add_argument("--history", nargs="+", required=True, metavar="PNG", help="the user's history images")
+    p.add_argument("--reference", required=True, metavar="PNG", help="the image whose content is kept")
+    p.add_argument("--caption", required=True, help="what the reference shows, e.g. 'grinning face'")
+    p.add_argument("--out", required=True, metavar="PNG", help="where the generated image is written")
+    p.add_argument("--model", default=None, metavar="URI",
+                   help="MLflow model, e.g. models:/pigeon@champion (default: the workspace's models/dpo)")
+    p.add_argument("--alpha-ref", type=float, default=None, help="reference mask ratio in [0, 1]")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("promote", help="make a registered model version the champion")
+    _add_params_args(p)
+    p.add_argument("--version", required=True, type=int, help="model version to promote")
+    p.add_argument("--reason", default="promoted by hand", help="recorded in the champion history")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", help="give the champion alias back to the previous champion")
+    _add_params_args(p)
+    p.add_argument("--reason", default="rolled back by hand", help="recorded in the champion history")
+    p.set_defaults(func=cmd_rollback)
     return parser
 
 

@@ -241,6 +241,9 @@ class EvaluatorsConfig(Section):
     feature_dim: int = Field(128, ge=8)
     clip_path: str | None = Field(None, description="Local CLIP folder for the paper's CLIP metrics.")
     dino_path: str | None = Field(None, description="Local DINO folder for the paper's DINO metrics.")
+    holdout_emoji_fraction: float = Field(0.15, gt=0.0, lt=1.0,
+                                          description="Emoji whose style labels are held out (style accuracy).")
+    holdout_style: str | None = Field(None, description="Style whose content labels are held out; None = seeded pick.")
 
 
 class EvaluateConfig(Section):

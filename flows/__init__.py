@@ -1,0 +1,1 @@
+"""Prefect flows and deployments: thin wrappers over ``pigeon.stages`` (see ``prefect.yaml``)."""

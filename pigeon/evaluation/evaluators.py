@@ -1,0 +1,307 @@
+"""Evaluation encoders (DESIGN.md §5): a small CNN trained here on real images, and optional local
+CLIP/DINO models.
+
+The CNN has two heads — style (which vendor drew it) and content (which emoji) — and its
+penultimate features serve the similarity and Fréchet metrics. It never sees generated images and
+is never the reward encoder. Held-out accuracy is measured inside the one training run by masking
+labels: the style head never gets the style label of the held-out emoji, the content head never
+gets the content label of the held-out style; the saved model is the one that was measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from pigeon.config import EvaluatorsConfig
+from pigeon.errors import CheckpointError, ConfigError
+from pigeon.io import load_tensors, read_json, save_tensors, write_json
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class EvaluatorNet(nn.Module):
+    """Four conv stages (32 → 4 px) → pooled → features [N, feature_dim] → style and content heads."""
+
+    def __init__(self, num_styles: int, num_contents: int, width: int = 32, feature_dim: int = 128):
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+        self.trunk = nn.Sequential(
+            block(3, width), nn.MaxPool2d(2),
+            block(width, 2 * width), nn.MaxPool2d(2),
+            block(2 * width, 4 * width), nn.MaxPool2d(2),
+            block(4 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.embed = nn.Sequential(nn.Linear(4 * width, feature_dim), nn.ReLU())
+        self.style_head = nn.Linear(feature_dim, num_styles)
+        self.content_head = nn.Linear(feature_dim, num_contents)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """images [N, 3, S, S] in [-1, 1] → (features, style logits, content logits)."""
+        features = self.embed(self.trunk(images))
+        return features, self.style_head(features), self.content_head(features)
+
+
+def to_model_input(images_uint8: np.ndarray | torch.Tensor, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[N, H, W, 3] uint8 → [N, 3, size, size] float in [-1, 1] (area-resized if needed)."""
+    x = torch.as_tensor(np.asarray(images_uint8)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, max_shift: float = 0.1,
+            scale_range: float = 0.1, brightness: float = 0.06, contrast: float = 0.08) -> torch.Tensor:
+    """Random shift/zoom (white fill) and slight brightness/contrast jitter; hue and saturation are
+    left alone because colour is a style cue."""
+    n = images.shape[0]
+    rand = lambda *shape: torch.rand(*shape, generator=generator, device=images.device)
+    scale = 1.0 + (rand(n) * 2 - 1) * scale_range
+    shift = (rand(n, 2) * 2 - 1) * max_shift * 2  # grid units: the image spans [-1, 1]
+    theta = torch.zeros(n, 2, 3, device=images.device)
+    theta[:, 0, 0] = scale
+    theta[:, 1, 1] = scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    # Shift to white = 0 so the zero padding of grid_sample fills with the white background.
+    moved = F.grid_sample(images - 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 1.0
+    gain = 1.0 + (rand(n, 1, 1, 1) * 2 - 1) * contrast
+    offset = (rand(n, 1, 1, 1) * 2 - 1) * brightness * 2
+    mean = moved.mean(dim=(1, 2, 3), keepdim=True)
+    return ((moved - mean) * gain + mean + offset).clamp(-1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class HoldoutSplit:
+    style_train: np.ndarray  # bool [N]: the style label is used for training
+    content_train: np.ndarray  # bool [N]: the content label is used for training
+    holdout_style: str
+    holdout_emoji: tuple[str, ...]
+
+
+def make_holdout_split(items: pd.DataFrame, cfg: EvaluatorsConfig, seed: int) -> HoldoutSplit:
+    """Style is held out by emoji (unseen emoji), content by style (an unseen style)."""
+    rng = np.random.default_rng(seed)
+    styles = sorted(items["style"].unique())
+    keys = np.array(sorted(items["emoji_key"].unique()))
+    if cfg.holdout_style is not None and cfg.holdout_style not in styles:
+        raise ConfigError(f"evaluators.holdout_style: {cfg.holdout_style!r} is not a dataset style "
+                          f"({', '.join(styles)})")
+    holdout_style = cfg.holdout_style or str(rng.choice(styles))
+    n_hold = min(len(keys) - 1, max(1, round(cfg.holdout_emoji_fraction * len(keys))))
+    holdout_emoji = tuple(sorted(rng.choice(keys, size=n_hold, replace=False).tolist()))
+    style_train = ~items["emoji_key"].isin(holdout_emoji).to_numpy()
+    content_train = (items["style"] != holdout_style).to_numpy()
+    return HoldoutSplit(style_train, content_train, holdout_style, holdout_emoji)
+
+
+@dataclass
+class Evaluator:
+    """A trained evaluator with its class order; scores uint8 images of any size."""
+
+    net: EvaluatorNet
+    styles: list[str]
+    emoji_keys: list[str]
+    image_size: int
+    device: torch.device
+
+    @torch.no_grad()
+    def predict(self, images_uint8: np.ndarray, batch_size: int = 512) -> dict[str, np.ndarray]:
+        """→ features [N, D] float32, style and content predictions as class indices [N]."""
+        self.net.eval()
+        feats, styles, contents = [], [], []
+        for start in range(0, len(images_uint8), batch_size):
+            x = to_model_input(images_uint8[start : start + batch_size], self.image_size, self.device)
+            f, s, c = self.net(x)
+            feats.append(f.float().cpu())
+            styles.append(s.argmax(-1).cpu())
+            contents.append(c.argmax(-1).cpu())
+        if not feats:
+            return {"features": np.zeros((0, self.net.embed[0].out_features), np.float32),
+                    "style": np.zeros(0, np.int64), "content": np.zeros(0, np.int64)}
+        return {"features": torch.cat(feats).numpy(), "style": torch.cat(styles).numpy(),
+                "content": torch.cat(contents).numpy()}
+
+    def style_index(self, names) -> np.ndarray:
+        lookup = {s: i for i, s in enumerate(self.styles)}
+        return np.array([lookup.get(s, -1) for s in names], dtype=np.int64)
+
+    def content_index(self, keys) -> np.ndarray:
+        lookup = {k: i for i, k in enumerate(self.emoji_keys)}
+        return np.array([lookup.get(k, -1) for k in keys], dtype=np.int64)
+
+
+def _accuracies(evaluator: Evaluator, images: np.ndarray, items: pd.DataFrame, mask: np.ndarray) -> dict[str, float]:
+    if not mask.any():
+        return {"style": float("nan"), "content": float("nan"), "n": 0}
+    pred = evaluator.predict(images[mask])
+    sub = items[mask]
+    return {"style": float((pred["style"] == evaluator.style_index(sub["style"])).mean()),
+            "content": float((pred["content"] == evaluator.content_index(sub["emoji_key"])).mean()),
+            "n": int(mask.sum())}
+
+
+def train_evaluator(images: np.ndarray, items: pd.DataFrame, cfg: EvaluatorsConfig, seed: int,
+                    device: torch.device, autocast=None, progress: bool = True) -> tuple[Evaluator, dict]:
+    """Train on real images [N, S, S, 3] uint8 (rows = items); → (evaluator, report)."""
+    from contextlib import nullcontext
+
+    styles = sorted(items["style"].unique())
+    emoji_keys = sorted(items["emoji_key"].unique())
+    split = make_holdout_split(items, cfg, seed)
+    torch.manual_seed(seed)
+    net = EvaluatorNet(len(styles), len(emoji_keys), cfg.width, cfg.feature_dim).to(device)
+    evaluator = Evaluator(net, styles, emoji_keys, images.shape[1], device)
+
+    usable = np.flatnonzero(split.style_train | split.content_train)
+    all_x = to_model_input(images, images.shape[1], device)
+    style_y = torch.as_tensor(evaluator.style_index(items["style"]), device=device)
+    content_y = torch.as_tensor(evaluator.content_index(items["emoji_key"]), device=device)
+    style_ok = torch.as_tensor(split.style_train, device=device)
+    content_ok = torch.as_tensor(split.content_train, device=device)
+
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    warmup = max(1, cfg.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps)))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    order_rng = np.random.default_rng(seed)
+    order, cursor = order_rng.permutation(usable), 0
+    curve = []
+    net.train()
+    for step in tqdm(range(cfg.steps), desc="evaluators", disable=not progress, leave=False):
+        if cursor + cfg.batch_size > len(order):
+            order, cursor = order_rng.permutation(usable), 0
+        index = torch.as_tensor(order[cursor : cursor + cfg.batch_size], device=device)
+        cursor += cfg.batch_size
+        x = augment(all_x[index], generator)
+        with autocast if autocast is not None else nullcontext():
+            _, style_logits, content_logits = net(x)
+        s_mask, c_mask = style_ok[index], content_ok[index]
+        loss_style = F.cross_entropy(style_logits.float()[s_mask], style_y[index][s_mask]) if s_mask.any() else 0.0
+        loss_content = F.cross_entropy(content_logits.float()[c_mask], content_y[index][c_mask]) if c_mask.any() else 0.0
+        loss = loss_style + loss_content
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % max(1, cfg.steps // 20) == 0 or step == cfg.steps - 1:
+            curve.append({"step": step, "loss": float(loss), "loss_style": float(loss_style),
+                          "loss_content": float(loss_content)})
+
+    holdout_emoji_rows = ~split.style_train
+    holdout_style_rows = ~split.content_train
+    held_style = _accuracies(evaluator, images, items, holdout_emoji_rows)
+    held_content = _accuracies(evaluator, images, items, holdout_style_rows)
+    train_rows = split.style_train & split.content_train
+    train = _accuracies(evaluator, images, items, train_rows)
+    chance_style, chance_content = 1.0 / len(styles), 1.0 / len(emoji_keys)
+    report = {
+        "style_accuracy": held_style["style"],  # held-out emoji
+        "content_accuracy": held_content["content"],  # held-out style
+        "style_accuracy_chance": chance_style,
+        "content_accuracy_chance": chance_content,
+        "train_style_accuracy": train["style"],
+        "train_content_accuracy": train["content"],
+        "holdout_style": split.holdout_style,
+        "holdout_emoji_count": len(split.holdout_emoji),
+        "holdout_style_images": held_content["n"],
+        "holdout_emoji_images": held_style["n"],
+        "num_styles": len(styles),
+        "num_emoji": len(emoji_keys),
+        "image_size": int(images.shape[1]),
+        "steps": cfg.steps,
+        "final_loss": curve[-1]["loss"] if curve else float("nan"),
+        "curve": curve,
+    }
+    report["holdout_emoji"] = list(split.holdout_emoji)
+    return evaluator, report
+
+
+def save_evaluator(evaluator: Evaluator, folder: Path, cfg: EvaluatorsConfig, extra: dict | None = None) -> None:
+    """Weights as safetensors + the architecture and class order as JSON."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(folder / WEIGHTS_FILE, evaluator.net.state_dict())
+    config = {"width": cfg.width, "feature_dim": cfg.feature_dim, "image_size": evaluator.image_size,
+              "styles": evaluator.styles, "emoji_keys": evaluator.emoji_keys, **(extra or {})}
+    write_json(folder / CONFIG_FILE, config)
+
+
+def load_evaluator(folder: str | Path, device: torch.device | str = "cpu") -> Evaluator:
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{folder / CONFIG_FILE}: evaluator config missing (run `pigeon stage evaluators`)")
+    config = read_json(folder / CONFIG_FILE)
+    try:
+        net = EvaluatorNet(len(config["styles"]), len(config["emoji_keys"]), config["width"], config["feature_dim"])
+    except KeyError as exc:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: missing key {exc}") from exc
+    state = load_tensors(folder / WEIGHTS_FILE)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{folder / WEIGHTS_FILE}: weights do not match {CONFIG_FILE} "
+                              f"({str(exc).splitlines()[0]})") from exc
+    device = torch.device(device)
+    return Evaluator(net.to(device).eval(), list(config["styles"]), list(config["emoji_keys"]),
+                     int(config["image_size"]), device)
+
+
+class PretrainedEncoder:
+    """A local CLIP or DINO image encoder (transformers, local files only) for the paper's metrics."""
+
+    def __init__(self, kind: str, path: str | Path, device: torch.device | str = "cpu"):
+        from transformers import AutoImageProcessor, AutoModel, CLIPModel
+
+        path = Path(path).expanduser()
+        self.kind = kind
+        self.device = torch.device(device)
+        self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        if kind == "clip":
+            self.model = CLIPModel.from_pretrained(path, local_files_only=True)
+        else:
+            self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        self.model.to(self.device).eval()
+
+    @torch.no_grad()
+    def features(self, images_uint8: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        out = []
+        for start in range(0, len(images_uint8), batch_size):
+            batch = list(np.asarray(images_uint8[start : start + batch_size]))
+            pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
+            if self.kind == "clip":
+                feats = self.model.get_image_features(pixel_values=pixels)
+                feats = getattr(feats, "pooler_output", feats)
+            else:
+                feats = self.model(pixel_values=pixels).last_hidden_state[:, 0]  # CLS token, as DINO
+            out.append(feats.float().cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def check_pretrained_paths(cfg: EvaluatorsConfig) -> list[str]:
+    """Names of the configured local CLIP/DINO encoders; a set path without a model folder is an error."""
+    found = []
+    for kind, path in (("clip", cfg.clip_path), ("dino", cfg.dino_path)):
+        if path:
+            if not (Path(path).expanduser() / "config.json").is_file():
+                raise ConfigError(f"evaluators.{kind}_path: {path} is not a local model folder (no config.json)")
+            found.append(kind)
+    return found
+
+
+def pretrained_encoders(cfg: EvaluatorsConfig, device) -> dict[str, PretrainedEncoder]:
+    """The configured local CLIP/DINO encoders ({} when none is set)."""
+    paths = {"clip": cfg.clip_path, "dino": cfg.dino_path}
+    return {kind: PretrainedEncoder(kind, paths[kind], device) for kind in check_pretrained_paths(cfg)}

@@ -1,0 +1,126 @@
+"""The rows of the evaluation table: how each method turns a test window into one image.
+
+Generative rows run a Pigeon model (batched, bf16 autocast, seeded per batch so every model sees
+the same random stream for the same windows); baselines copy a real image. Inference-time
+ablations change one thing on the DPO model: the history mask (α_h = 0), the mask generator
+(its seeded initial weights, the authors' released behaviour, whose generator never trains) or
+the adapter (the `<emb>` slot gets its placeholder embedding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pigeon.config import EvaluateConfig
+from pigeon.data.users import history_columns
+from pigeon.models.batching import WindowEncoder
+from pigeon.runtime import autocast
+from pigeon.training.reward import RewardEncoder, candidate_rewards
+
+GENERATIVE = ("pigeon", "pigeon_select", "stage1", "foundation", "no_history_mask",
+              "untrained_mask_generator", "no_adapter")
+BASELINES = ("reference_copy", "nearest_history")
+METHODS = ("pigeon", "pigeon_select", "stage1", "foundation", "reference_copy", "nearest_history",
+           "no_history_mask", "untrained_mask_generator", "no_adapter")
+SELECT_WEIGHTS = {"w_history": 0.5, "w_reference": 0.5}  # inference-time selection (DESIGN.md §1)
+
+# Where each protocol takes the reference and the truth from (DESIGN.md §3).
+PROTOCOLS = {
+    "ground_truth": {"reference": "reference_item", "truth": "gt_item"},
+    "paper": {"reference": "paper_reference_item", "truth": "target_item"},
+}
+
+
+@dataclass
+class MethodImages:
+    """One image per window (uint8 [W, S, S, 3]) and the α_r used (NaN for baselines)."""
+
+    images: np.ndarray
+    alpha_ref: np.ndarray
+    sweep: dict = field(default_factory=dict)  # pigeon_select only: all candidates and their rewards
+
+
+def to_uint8(pixels: torch.Tensor, size: int) -> np.ndarray:
+    """[N, 3, S', S'] in [-1, 1] → [N, size, size, 3] uint8 (area-resized when S' differs)."""
+    pixels = pixels.float()
+    if pixels.shape[-1] != size:
+        pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def keep_all_history(model, batch, alpha_ref):
+    """Conditioning with α_h = 0: the model's own reference mask, every history token kept."""
+    cond = model.condition(batch, alpha_ref=alpha_ref, training=False)
+    return replace(cond, history_keep=torch.ones_like(cond.history_keep))
+
+
+@torch.no_grad()
+def generate_images(model, encoder: WindowEncoder, windows: pd.DataFrame, reference_col: str, alpha_ref,
+                    cfg: EvaluateConfig, seed: int, device: torch.device, image_size: int,
+                    condition_fn=None, desc: str = "generate") -> np.ndarray:
+    """→ uint8 [W * S, size, size, 3], row = window i * S + sample s (S = len(alpha_ref) for a sweep)."""
+    samples = len(alpha_ref) if isinstance(alpha_ref, (list, tuple)) else 1
+    per_batch = max(1, cfg.batch_size // samples)
+    out = []
+    for start in tqdm(range(0, len(windows), per_batch), desc=desc, leave=False):
+        rows = windows.iloc[start : start + per_batch]
+        batch = encoder.batch(rows, reference_col=reference_col, target_col=None).to(device)
+        with autocast(device):
+            cond = condition_fn(model, batch, alpha_ref) if condition_fn is not None else None
+            result = model.generate(batch, alpha_ref=list(alpha_ref) if samples > 1 else alpha_ref,
+                                    num_samples=samples, sampling=cfg.sampling, seed=seed + start, cond=cond)
+            pixels = model.decode(result.codes)
+        out.append(to_uint8(pixels, image_size))
+    return np.concatenate(out) if out else np.zeros((0, image_size, image_size, 3), np.uint8)
+
+
+class RewardSelector:
+    """Reward-encoder features of real items (centred on the training windows' images, as `rank`)."""
+
+    def __init__(self, backbone, item_images: np.ndarray, center_items: np.ndarray):
+        self.encoder = RewardEncoder(backbone)
+        self.encoder.fit_center(item_images[np.unique(center_items)])
+        self.item_features = self.encoder.features(item_images)  # [N, D] unit vectors
+
+    def nearest_history(self, windows: pd.DataFrame, reference_col: str, history_len: int) -> np.ndarray:
+        """Item id of the history image closest to the reference, per window."""
+        history = windows[history_columns(history_len)].to_numpy(np.int64)
+        reference = windows[reference_col].to_numpy(np.int64)
+        sims = torch.einsum("whd,wd->wh", self.item_features[history], self.item_features[reference])
+        return history[np.arange(len(history)), sims.argmax(dim=1).numpy()]
+
+    def rewards(self, candidates: np.ndarray, windows: pd.DataFrame, reference_col: str,
+                history_len: int) -> dict[str, torch.Tensor]:
+        """candidates uint8 [W, S, px, px, 3] → reward [W, S] (and its parts) with the selection weights."""
+        w, s = candidates.shape[:2]
+        feats = self.encoder.features(candidates.reshape(w * s, *candidates.shape[2:])).reshape(w, s, -1)
+        history = torch.as_tensor(windows[history_columns(history_len)].to_numpy(np.int64))
+        reference = torch.as_tensor(windows[reference_col].to_numpy(np.int64))
+        return candidate_rewards(feats, self.item_features[history], self.item_features[reference],
+                                 **SELECT_WEIGHTS)
+
+
+def select_best(candidates: np.ndarray, sweep: tuple[float, ...], rewards: dict[str, torch.Tensor]) -> MethodImages:
+    """Keep each window's highest-reward candidate of the α_r sweep."""
+    best = rewards["reward"].argmax(dim=1).numpy()
+    rows = np.arange(len(candidates))
+    return MethodImages(candidates[rows, best], np.asarray(sweep, np.float64)[best],
+                        sweep={"images": candidates, "alpha": np.asarray(sweep, np.float64),
+                               "reward": rewards["reward"].numpy(), "chosen": best})
+
+
+def baseline_images(method: str, windows: pd.DataFrame, reference_col: str, item_images: np.ndarray,
+                    selector: RewardSelector, history_len: int) -> MethodImages:
+    if method == "reference_copy":
+        ids = windows[reference_col].to_numpy(np.int64)
+    elif method == "nearest_history":
+        ids = selector.nearest_history(windows, reference_col, history_len)
+    else:
+        raise ValueError(f"not a baseline: {method}")
+    return MethodImages(item_images[ids], np.full(len(ids), np.nan))

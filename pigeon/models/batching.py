@@ -1,0 +1,121 @@
+"""From dataset rows to model inputs: item images → visual codes (cached), window rows → WindowBatch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pigeon.config import ModelConfig, Params
+from pigeon.errors import DataError
+from pigeon.io import file_md5, load_tensors, save_tensors, tree_hash
+from pigeon.models.backbone import Backbone
+from pigeon.models.personalization import build_prompt
+from pigeon.models.pigeon import WindowBatch
+from pigeon.paths import Workspace
+
+LARGE_CHECKPOINT_BYTES = 1 << 30
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def images_to_tensor(images_uint8: np.ndarray, size: int, device) -> torch.Tensor:
+    """[N, S, S, 3] uint8 → [N, 3, size, size] float in [-1, 1] (resized when S differs)."""
+    images = torch.as_tensor(np.ascontiguousarray(images_uint8), device=device).permute(0, 3, 1, 2).float()
+    images = images / 127.5 - 1.0
+    if images.shape[-1] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return images.clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def item_codes(backbone: Backbone, images_uint8: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """Visual codes [N, T] (long, CPU) of every item image."""
+    if images_uint8.ndim != 4 or images_uint8.shape[-1] != 3:
+        raise DataError(f"item images must be [N, S, S, 3], got shape {tuple(images_uint8.shape)}")
+    device = _device(backbone)
+    chunks = []
+    for start in tqdm(range(0, len(images_uint8), batch_size), desc="encode items", leave=False):
+        images = images_to_tensor(images_uint8[start:start + batch_size], backbone.image_size, device)
+        chunks.append(backbone.encode_images(images).long().cpu())
+    if not chunks:
+        return torch.empty(0, backbone.tokens_per_image, dtype=torch.long)
+    return torch.cat(chunks)
+
+
+class WindowEncoder:
+    """Turns window rows into a WindowBatch on the device of ``codes``."""
+
+    def __init__(self, backbone: Backbone, codes: torch.Tensor, items: pd.DataFrame, cfg: ModelConfig,
+                 max_caption_tokens: int):
+        if len(codes) != len(items):
+            raise DataError(f"item codes cover {len(codes)} items but the items table has {len(items)}")
+        self.codes = codes
+        self.history_cols = [f"history_{i}" for i in range(cfg.history_len)]
+        # Captions of every item tokenized once: a batch is then pure indexing.
+        prompts = [build_prompt(name) for name in items["name"].tolist()]
+        ids, mask = backbone.tokenize_captions(prompts, max_caption_tokens)
+        self.caption_ids = ids.to(codes.device)
+        self.caption_mask = mask.to(codes.device)
+
+    def _items(self, windows: pd.DataFrame, col: str | list[str]) -> torch.Tensor:
+        cols = [col] if isinstance(col, str) else col
+        missing = [c for c in cols if c not in windows.columns]
+        if missing:
+            raise DataError(f"windows: missing column(s) {', '.join(missing)}")
+        ids = torch.as_tensor(windows[cols].to_numpy(dtype=np.int64, copy=True), device=self.codes.device)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.codes)):
+            raise DataError(f"windows: item id out of range in {', '.join(cols)} (items: {len(self.codes)})")
+        return ids if len(cols) > 1 else ids[:, 0]
+
+    def batch(self, windows: pd.DataFrame, reference_col: str = "target_item",
+              target_col: str | None = "target_item") -> WindowBatch:
+        history = self._items(windows, self.history_cols)
+        reference = self._items(windows, reference_col)
+        target = None if target_col is None else self.codes[self._items(windows, target_col)]
+        return WindowBatch(history_codes=self.codes[history], reference_codes=self.codes[reference],
+                           caption_ids=self.caption_ids[reference], caption_mask=self.caption_mask[reference],
+                           target_codes=target)
+
+
+def _weights_fingerprint(folder: Path) -> str:
+    """Content hash of a checkpoint folder; multi-GB external checkpoints are fingerprinted by their
+    JSON files and the names, sizes and modification times of the weight files."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if sum(p.stat().st_size for p in files) < LARGE_CHECKPOINT_BYTES:
+        return tree_hash(folder)
+    digest = hashlib.md5()
+    for p in files:
+        stat = p.stat()
+        detail = file_md5(p) if p.suffix == ".json" else f"{stat.st_size}:{stat.st_mtime_ns}"
+        digest.update(f"{p.relative_to(folder)}={detail};".encode())
+    return digest.hexdigest()
+
+
+def cached_item_codes(params: Params, ws: Workspace, backbone: Backbone) -> torch.Tensor:
+    """All item codes, encoded once per (backbone weights, raw data, image size) and cached under
+    ``.pigeon/cache/``."""
+    from pigeon.data.raw import load_images, read_items
+    from pigeon.models.loading import backbone_source
+
+    size = params.backbone.image_size
+    key = json.dumps({"weights": _weights_fingerprint(backbone_source(params, ws)),
+                      "items": file_md5(ws.raw / "items.parquet"),
+                      "images": tree_hash(ws.raw / "images" / str(size)), "size": size}, sort_keys=True)
+    path = ws.root / ".pigeon" / "cache" / f"codes-{hashlib.md5(key.encode()).hexdigest()[:16]}.safetensors"
+    items = read_items(ws.raw)
+    if path.is_file():
+        codes = load_tensors(path)["codes"]
+        if codes.shape == (len(items), backbone.tokens_per_image):
+            return codes
+    codes = item_codes(backbone, load_images(ws.raw, size, items))
+    save_tensors(path, {"codes": codes})
+    return codes

@@ -1,0 +1,352 @@
+"""The composed Pigeon model: mask generator + personalization module on a backbone LMM.
+
+Sequence fed to the LM as ``inputs_embeds`` (DESIGN.md §1)::
+
+    [caption (left-padded)] [hist_1 codes ⊙ keep] … [hist_H codes ⊙ keep] [<emb>] [<img>] → T codes, end-of-image
+
+Masked history tokens are multiplied by 0 and stay in attention (so the straight-through mask
+passes gradient); every path (loss, scoring, cached and uncached generation) builds the same
+sequence with the same position ids (``cumsum(attention_mask) - 1``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pigeon.config import LoraConfig, ModelConfig, SamplingConfig
+from pigeon.errors import CheckpointError, PigeonError
+from pigeon.io import load_tensors, read_json, save_tensors, write_json
+from pigeon.models.backbone import Backbone
+from pigeon.models.mask import MaskGenerator
+from pigeon.models.personalization import Adapter
+
+
+@dataclass
+class WindowBatch:
+    """One row per window; all tensors on one device."""
+
+    history_codes: torch.Tensor  # [B, H, T] long
+    reference_codes: torch.Tensor  # [B, T] long
+    caption_ids: torch.Tensor  # [B, L] long, left-padded
+    caption_mask: torch.Tensor  # [B, L] long
+    target_codes: torch.Tensor | None = None  # [B, T] long; None at inference
+
+    def to(self, device) -> "WindowBatch":
+        return WindowBatch(*(None if v is None else v.to(device) for v in self._fields()))
+
+    def select(self, index: torch.Tensor) -> "WindowBatch":
+        index = index.to(self.history_codes.device)
+        return WindowBatch(*(None if v is None else v.index_select(0, index) for v in self._fields()))
+
+    def _fields(self):
+        return self.history_codes, self.reference_codes, self.caption_ids, self.caption_mask, self.target_codes
+
+    def __len__(self) -> int:
+        return self.history_codes.shape[0]
+
+
+@dataclass
+class Conditioning:
+    """The masks and α_r actually used for each row: recordable and replayable."""
+
+    history_keep: torch.Tensor  # [B, H, T] bool, True = kept
+    reference_keep: torch.Tensor  # [B, T] bool
+    alpha_ref: torch.Tensor  # [B] float
+
+    def to(self, device) -> "Conditioning":
+        return Conditioning(self.history_keep.to(device), self.reference_keep.to(device), self.alpha_ref.to(device))
+
+    def select(self, index: torch.Tensor) -> "Conditioning":
+        index = index.to(self.history_keep.device)
+        return Conditioning(*(v.index_select(0, index) for v in (self.history_keep, self.reference_keep,
+                                                                  self.alpha_ref)))
+
+    def repeat_interleave(self, n: int) -> "Conditioning":
+        return Conditioning(*(v.repeat_interleave(n, dim=0) for v in (self.history_keep, self.reference_keep,
+                                                                      self.alpha_ref)))
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        return {"history_keep": self.history_keep.cpu().numpy().astype(bool),
+                "reference_keep": self.reference_keep.cpu().numpy().astype(bool),
+                "alpha_ref": self.alpha_ref.float().cpu().numpy()}
+
+    @classmethod
+    def from_numpy(cls, d: dict) -> "Conditioning":
+        return cls(torch.as_tensor(np.asarray(d["history_keep"])).bool(),
+                   torch.as_tensor(np.asarray(d["reference_keep"])).bool(),
+                   torch.as_tensor(np.asarray(d["alpha_ref"])).float())
+
+    def __len__(self) -> int:
+        return self.history_keep.shape[0]
+
+
+@dataclass
+class GenerationOutput:
+    codes: torch.Tensor  # [B*S, T] sampled visual codes; row = window i * S + sample s
+    conditioning: Conditioning  # for the B*S rows, exactly what was used
+    window_index: torch.Tensor  # [B*S] source window of each row
+
+
+def _gumbel_sample(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
+    """One categorical draw per row (Gumbel-max); always consumes one uniform per logit, so the
+    random stream, and hence the codes, do not depend on how the logits were computed."""
+    logits = logits.float() / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-20, 1.0)
+    return (logits - torch.log(-torch.log(uniform))).argmax(dim=-1)
+
+
+class PigeonModel(nn.Module):
+    def __init__(self, backbone: Backbone, cfg: ModelConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.cfg = cfg
+        self.history_len = cfg.history_len
+        self.mask_generator = MaskGenerator(backbone.hidden_size, cfg.history_len, cfg.mask)
+        self.adapter = Adapter(backbone.cond_dim, cfg.adapter_hidden, backbone.hidden_size) if cfg.use_adapter else None
+        self.lora_config: LoraConfig | None = None
+        for name, param in backbone.named_parameters():
+            param.requires_grad_("lora_" in name)
+
+    # --- LoRA ---------------------------------------------------------------------------------
+    def add_lora(self, lora: LoraConfig) -> None:
+        """Wrap the backbone LM with a LoRA adapter (once); only LoRA weights of the backbone train."""
+        if self.lora_config is not None:
+            if lora != self.lora_config:
+                raise PigeonError(f"LoRA already added with {self.lora_config}, cannot re-add with {lora}")
+            return
+        self.backbone.add_lora(lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules))
+        self.lora_config = lora
+        for name, param in self.backbone.named_parameters():
+            param.requires_grad_("lora_" in name)
+        self.train(self.training)  # new LoRA layers start in train mode (dropout on): match the model
+
+    def trainable_parameters(self, lora=True, mask_generator=True, adapter=True) -> list[nn.Parameter]:
+        params: list[nn.Parameter] = []
+        if lora:
+            params += [p for n, p in self.backbone.named_parameters() if "lora_" in n]
+        if mask_generator:
+            params += list(self.mask_generator.parameters())
+        if adapter and self.adapter is not None:
+            params += list(self.adapter.parameters())
+        return params
+
+    # --- conditioning -------------------------------------------------------------------------
+    def _alpha_rows(self, alpha_ref, n: int, training: bool, generator, device) -> torch.Tensor:
+        if alpha_ref is None:
+            if not training:
+                raise PigeonError("alpha_ref is required at inference")
+            gen_device = generator.device if generator is not None else device
+            return torch.rand(n, generator=generator, device=gen_device).to(device)
+        alpha = torch.as_tensor(alpha_ref, dtype=torch.float32, device=device).flatten()
+        if alpha.numel() == 1:
+            alpha = alpha.expand(n)
+        if alpha.numel() != n or bool(((alpha < 0) | (alpha > 1)).any()):
+            raise PigeonError(f"alpha_ref must be one value or {n} values in [0, 1], got {alpha.tolist()}")
+        return alpha.clone()
+
+    def _masks(self, batch: WindowBatch, alpha_ref, training: bool, generator=None):
+        """→ (Conditioning, history mask [B,H,T] float, reference mask [B,T] float, history embeds)."""
+        b, h, t = batch.history_codes.shape
+        history_embeds = self.backbone.embed_codes(batch.history_codes.reshape(b, h * t)).reshape(b, h, t, -1)
+        reference_embeds = self.backbone.embed_codes(batch.reference_codes)
+        alpha = self._alpha_rows(alpha_ref, b, training, generator, batch.history_codes.device)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.mask_generator.mode == "trained"):
+            history_scores, reference_scores = self.mask_generator.scores(history_embeds, reference_embeds)
+            history_keep, history_mask = self.mask_generator.history_mask(history_scores)
+            reference_keep, reference_mask = self.mask_generator.reference_mask(reference_scores, alpha, training)
+        cond = Conditioning(history_keep, reference_keep, alpha)
+        return cond, history_mask, reference_mask, history_embeds.reshape(b, h * t, -1)
+
+    def condition(self, batch: WindowBatch, alpha_ref=None, training: bool = False, generator=None) -> Conditioning:
+        """History: keep the top (1 − α_h) jointly by score. Reference: keep (1 − α_r); training masks the
+        high-scoring tokens (α_r ~ U(0, 1) when ``alpha_ref`` is None), inference the low-scoring ones."""
+        with torch.no_grad():
+            return self._masks(batch, alpha_ref, training, generator)[0]
+
+    # --- the sequence -------------------------------------------------------------------------
+    def _prefix(self, batch: WindowBatch, history_mask, reference_mask, history_embeds=None):
+        """→ (prefix embeds [B, P, d] ending with <img>, attention mask [B, P])."""
+        bb = self.backbone
+        b, h, t = batch.history_codes.shape
+        text = bb.embed_text(batch.caption_ids)
+        dtype = text.dtype
+        if history_embeds is None:
+            history_embeds = bb.embed_codes(batch.history_codes.reshape(b, h * t))
+        history = history_embeds.to(dtype) * history_mask.reshape(b, h * t, 1).to(dtype)
+        if self.adapter is not None:
+            features = bb.condition_features(batch.reference_codes)
+            emb = self.adapter(features, reference_mask)[:, None].to(dtype)
+        else:
+            emb = bb.special_embedding("emb").to(dtype).expand(b, 1, -1)
+        img = bb.special_embedding("img").to(dtype).expand(b, 1, -1)
+        prefix = torch.cat([text, history, emb, img], dim=1)
+        attention = torch.cat([batch.caption_mask.long(), batch.caption_mask.new_ones(b, h * t + 2)], dim=1)
+        return prefix, attention
+
+    @staticmethod
+    def _positions(attention: torch.Tensor) -> torch.Tensor:
+        return (attention.cumsum(dim=1) - 1).clamp_min(0)
+
+    def _code_logits(self, batch, codes, history_mask, reference_mask, history_embeds=None) -> torch.Tensor:
+        """Teacher-forced logits [B, T+1, K+1] for the T codes and end-of-image."""
+        prefix, attention = self._prefix(batch, history_mask, reference_mask, history_embeds)
+        target = self.backbone.embed_codes(codes).to(prefix.dtype)
+        attention = torch.cat([attention, attention.new_ones(codes.shape)], dim=1)
+        hidden, _ = self.backbone.transformer(torch.cat([prefix, target], dim=1), attention,
+                                              self._positions(attention))
+        return self.backbone.image_logits(hidden[:, prefix.shape[1] - 1:]).float()
+
+    def _targets(self, codes: torch.Tensor) -> torch.Tensor:
+        end = codes.new_full((codes.shape[0], 1), self.backbone.codebook_size)
+        return torch.cat([codes, end], dim=1)
+
+    @staticmethod
+    def _cond_masks(cond: Conditioning, device: torch.device):
+        cond = cond.to(device)
+        return cond.history_keep.float(), cond.reference_keep.float()
+
+    def loss(self, batch: WindowBatch, cond: Conditioning | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Stage-1 cross-entropy on the target codes and end-of-image."""
+        if batch.target_codes is None:
+            raise PigeonError("loss needs target_codes in the batch")
+        history_embeds = None
+        if cond is None:
+            cond, history_mask, reference_mask, history_embeds = self._masks(batch, None, training=True)
+        else:
+            history_mask, reference_mask = self._cond_masks(cond, batch.history_codes.device)
+        logits = self._code_logits(batch, batch.target_codes, history_mask, reference_mask, history_embeds)
+        targets = self._targets(batch.target_codes)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        with torch.no_grad():
+            accuracy = (logits[:, :-1].argmax(-1) == targets[:, :-1]).float().mean()
+        metrics = {"loss": float(loss.detach()), "code_accuracy": float(accuracy),
+                   "alpha_ref": float(cond.alpha_ref.float().mean()),
+                   "history_kept": float(cond.history_keep.float().mean())}
+        return loss, metrics
+
+    def sequence_logps(self, batch: WindowBatch, codes: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """[B] summed log-probabilities of ``codes`` and end-of-image under the given conditioning."""
+        history_mask, reference_mask = self._cond_masks(cond, batch.history_codes.device)
+        logits = self._code_logits(batch, codes, history_mask, reference_mask)
+        logp = torch.log_softmax(logits, dim=-1)
+        return logp.gather(-1, self._targets(codes).unsqueeze(-1)).squeeze(-1).sum(dim=1)
+
+    # --- generation ---------------------------------------------------------------------------
+    def _sample_rows(self, b: int, alpha_ref, num_samples: int, device):
+        """→ (samples per window S, α_r per row [B*S] or None when given per window)."""
+        if isinstance(alpha_ref, (list, tuple)):
+            if num_samples not in (1, len(alpha_ref)):
+                raise PigeonError(f"num_samples={num_samples} but alpha_ref lists {len(alpha_ref)} values")
+            s = len(alpha_ref)
+            return s, torch.tensor(alpha_ref, dtype=torch.float32, device=device).repeat(b)
+        alpha = torch.as_tensor(alpha_ref, dtype=torch.float32, device=device).flatten()
+        alpha = alpha.expand(b) if alpha.numel() == 1 else alpha
+        return num_samples, alpha.repeat_interleave(num_samples)
+
+    @torch.no_grad()
+    def generate(self, batch: WindowBatch, alpha_ref, num_samples: int = 1,
+                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                 cond: Conditioning | None = None, use_cache: bool = True) -> GenerationOutput:
+        """Sample T visual codes per window × sample (never end-of-image), in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self._generate(batch, alpha_ref, num_samples, sampling, seed, cond, use_cache)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, batch, alpha_ref, num_samples, sampling, seed, cond, use_cache) -> GenerationOutput:
+        device = batch.history_codes.device
+        b, t, k = len(batch), self.backbone.tokens_per_image, self.backbone.codebook_size
+        s, alpha_rows = self._sample_rows(b, alpha_ref, num_samples, device)
+        window_index = torch.arange(b, device=device).repeat_interleave(s)
+        rows = batch.select(window_index) if s > 1 else batch
+        if cond is None:
+            cond = self.condition(rows, alpha_ref=alpha_rows, training=False)
+        elif len(cond) == b and s > 1:
+            cond = cond.repeat_interleave(s)
+        if len(cond) != len(rows):
+            raise PigeonError(f"conditioning has {len(cond)} rows, expected {b} or {len(rows)}")
+        cond = cond.to(device)
+        prefix, attention = self._prefix(rows, *self._cond_masks(cond, device))
+        n, p = prefix.shape[:2]
+        # Preallocated: each step only slices these, no per-step concatenation of masks or positions.
+        attention = torch.cat([attention, attention.new_ones(n, t)], dim=1)
+        positions = self._positions(attention)
+        codes = torch.empty(n, t, dtype=torch.long, device=device)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        transformer = self.backbone.transformer
+        hidden, cache = transformer(prefix, attention[:, :p], positions[:, :p], use_cache=use_cache)
+        for step in range(t):
+            logits = self.backbone.image_logits(hidden[:, -1])[:, :k]
+            codes[:, step] = _gumbel_sample(logits, sampling, generator)
+            if step == t - 1:
+                break
+            end = p + step + 1
+            if use_cache:
+                new = self.backbone.embed_codes(codes[:, step:step + 1]).to(prefix.dtype)
+                hidden, cache = transformer(new, attention[:, :end], positions[:, end - 1:end],
+                                            past_key_values=cache, use_cache=True)
+            else:
+                seq = torch.cat([prefix, self.backbone.embed_codes(codes[:, :step + 1]).to(prefix.dtype)], dim=1)
+                hidden, _ = transformer(seq, attention[:, :end], positions[:, :end])
+        return GenerationOutput(codes=codes, conditioning=cond, window_index=window_index)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [N, T] → images [N, 3, S, S] in [-1, 1]."""
+        return self.backbone.decode_codes(codes)
+
+    # --- persistence --------------------------------------------------------------------------
+    def _signature(self) -> dict:
+        bb = self.backbone
+        return {"codebook_size": bb.codebook_size, "tokens_per_image": bb.tokens_per_image,
+                "hidden_size": bb.hidden_size, "cond_dim": bb.cond_dim}
+
+    def save_trainable(self, path: Path) -> None:
+        """LoRA in peft format (adapter_model.safetensors + adapter_config.json), mask_generator and
+        adapter safetensors, pigeon_config.json. Each file is written atomically."""
+        from pigeon.models.loading import peft_lora_config
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.lora_config is not None:
+            save_tensors(path / "adapter_model.safetensors", self.backbone.lora_state_dict(),
+                         metadata={"format": "pt"})
+            write_json(path / "adapter_config.json", peft_lora_config(self.lora_config))
+        save_tensors(path / "mask_generator.safetensors", self.mask_generator.state_dict())
+        if self.adapter is not None:
+            save_tensors(path / "adapter.safetensors", self.adapter.state_dict())
+        lora = None if self.lora_config is None else self.lora_config.model_dump(mode="json")
+        write_json(path / "pigeon_config.json", {"model": self.cfg.model_dump(mode="json"), "lora": lora,
+                                                 "backbone": self._signature()})
+
+    def load_trainable(self, path: Path) -> None:
+        """Load what :meth:`save_trainable` wrote (adds the saved LoRA first when the backbone lacks it)."""
+        path = Path(path)
+        meta = read_json(path / "pigeon_config.json")
+        if meta.get("backbone") != self._signature():
+            raise CheckpointError(f"{path}: saved for backbone {meta.get('backbone')}, this one is {self._signature()}")
+        if meta.get("lora") is not None:
+            self.add_lora(LoraConfig(**meta["lora"]))
+            self.backbone.load_lora_state_dict(load_tensors(path / "adapter_model.safetensors"))
+        _load_module(self.mask_generator, path / "mask_generator.safetensors")
+        if self.adapter is not None:
+            _load_module(self.adapter, path / "adapter.safetensors")
+
+
+def _load_module(module: nn.Module, file: Path) -> None:
+    state = load_tensors(file)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{file}: does not fit {type(module).__name__} ({str(exc).splitlines()[0]})") from exc

@@ -1,0 +1,44 @@
+"""Stage ``evaluators``: train the evaluation CNN on real images of every style (DESIGN.md §5).
+
+Reads ``data/raw`` only; writes ``models/evaluators/`` (``model.safetensors``, ``config.json``,
+``metrics.json``, ``curves.csv``, replaced atomically) and ``reports/evaluators.json`` with the
+held-out accuracies: style on held-out emoji, content on a held-out style.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+
+from pigeon.config import Params
+from pigeon.data.raw import load_images, read_items
+from pigeon.evaluation.evaluators import check_pretrained_paths, save_evaluator, train_evaluator
+from pigeon.io import atomic_dir, atomic_write_text, write_json
+from pigeon.paths import Workspace
+from pigeon.runtime import autocast, resolve_device
+
+SUMMARY_KEYS = ("style_accuracy", "content_accuracy", "style_accuracy_chance", "content_accuracy_chance",
+                "holdout_style", "train_style_accuracy", "train_content_accuracy", "num_styles", "num_emoji")
+
+
+def run(params: Params, ws: Workspace) -> dict:
+    cfg = params.evaluators
+    device = resolve_device(params.device)
+    pretrained = check_pretrained_paths(cfg)  # fail before training on a wrong CLIP/DINO folder
+    items = read_items(ws.raw)
+    images = load_images(ws.raw, params.backbone.image_size, items)
+    start = time.perf_counter()
+    evaluator, report = train_evaluator(images, items, cfg, params.seed, device, autocast(device))
+    report["train_seconds"] = round(time.perf_counter() - start, 2)
+    report["pretrained_encoders"] = pretrained
+    curve = pd.DataFrame(report.pop("curve"))
+    summary = {k: report[k] for k in SUMMARY_KEYS}
+    with atomic_dir(ws.evaluators) as tmp:
+        save_evaluator(evaluator, tmp, cfg, extra={"holdout_style": report["holdout_style"],
+                                                   "holdout_emoji": report["holdout_emoji"],
+                                                   "seed": params.seed})
+        write_json(tmp / "metrics.json", summary)
+        atomic_write_text(tmp / "curves.csv", curve.to_csv(index=False))
+    write_json(ws.reports / "evaluators.json", report)
+    return {"stage": "evaluators", **summary, "train_seconds": report["train_seconds"]}

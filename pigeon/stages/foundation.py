@@ -1,0 +1,202 @@
+"""Stage ``foundation``: pretrain the tiny backbone (tokenizer, LM, diffusion decoder if enabled).
+
+Reads ``data/raw`` (every item image at ``backbone.image_size``, minus a seeded held-out set of
+emoji in all their styles); writes ``models/foundation/`` atomically: the backbone
+(``TinyBackbone.save_pretrained``), ``metrics.json``, ``curves.csv``/``curves.png``,
+``reconstructions.png`` (held-out) and ``samples.png`` (caption → image). Resumes from
+``.pigeon/checkpoints/foundation`` after a kill. The janus backbone has no foundation stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import shutil
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pigeon.config import Params, section_dict
+from pigeon.data.raw import load_images, read_items
+from pigeon.io import atomic_dir, atomic_write_bytes, atomic_write_text, write_json
+from pigeon.paths import Workspace
+from pigeon.runtime import autocast, resolve_device
+from pigeon.training.foundation import (
+    FoundationData,
+    FoundationTrainer,
+    lm_loss,
+    reconstruct,
+    reconstruction_metrics,
+    sample_caption_codes,
+    split_holdout,
+)
+
+GRID_IMAGES = 12  # held-out images shown in reconstructions.png
+SAMPLE_CAPTIONS = 8  # captions in samples.png, SAMPLES_PER_CAPTION images each
+SAMPLES_PER_CAPTION = 3
+DIFFUSION_EVAL_IMAGES = 64  # DDIM sampling is slow: diffusion metrics on a fixed subset
+
+
+def run(params: Params, ws: Workspace) -> dict:
+    if params.backbone.kind != "tiny":
+        with atomic_dir(ws.foundation) as tmp:
+            atomic_write_text(tmp / "NOTE.md", f"# Foundation\n\nThe `{params.backbone.kind}` backbone is loaded "
+                              f"pretrained from `backbone.janus_path`; there is nothing to pretrain here.\n")
+            write_json(tmp / "metrics.json", {"skipped": True, "backbone": params.backbone.kind})
+        return {"skipped": True, "backbone": params.backbone.kind}
+    from pigeon.models.tiny import TinyBackbone
+
+    cfg, size = params.foundation, params.backbone.image_size
+    device = resolve_device(params.device)
+    items = read_items(ws.raw)
+    images = load_images(ws.raw, size, items)
+    captions = items["name"].astype(str).tolist()
+    train_ids, holdout_ids = split_holdout(items, cfg.holdout_fraction, params.seed)
+    data = FoundationData(torch.from_numpy(images[train_ids]), [captions[i] for i in train_ids],
+                          torch.from_numpy(images[holdout_ids]), [captions[i] for i in holdout_ids])
+    # Every item name is in the caption vocabulary: later stages caption held-out emoji too.
+    backbone = TinyBackbone.create(params.backbone, captions, seed=params.seed).to(device)
+    trainer = FoundationTrainer(backbone, data, cfg, params.seed, ws.checkpoint_dir("foundation"),
+                                fingerprint(params, data))
+    state = trainer.run()
+
+    start = time.perf_counter()
+    untrained = TinyBackbone.create(params.backbone, captions, seed=params.seed).to(device).eval()
+    backbone.eval()
+    originals, recons = reconstruct(backbone, data.holdout_images)
+    _, untrained_recons = reconstruct(untrained, data.holdout_images)
+    metrics = {
+        "backbone": {"kind": "tiny", "detokenizer": params.backbone.detokenizer, "image_size": size,
+                     "tokens_per_image": backbone.tokens_per_image, "codebook_size": backbone.codebook_size},
+        "parameters": backbone.parameter_counts(),
+        "data": {"train_images": len(train_ids), "holdout_images": len(holdout_ids),
+                 "holdout_emoji": int(items.loc[holdout_ids, "emoji_key"].nunique())},
+        "steps": {"vq": cfg.vq_steps, "lm": cfg.lm_steps, "diffusion": trainer_diffusion_steps(trainer)},
+        "tokenizer": {"trained": reconstruction_metrics(originals, recons),
+                      "untrained": reconstruction_metrics(originals, untrained_recons),
+                      "codebook_usage_train": usage(trainer.codes, backbone.codebook_size),
+                      "codebook_usage_holdout": usage(trainer.holdout_codes, backbone.codebook_size)},
+        "lm": {"holdout_loss": lm_loss(trainer, data.holdout_captions, trainer.holdout_codes),
+               "train_loss": lm_loss(trainer, data.captions[: len(holdout_ids)], trainer.codes[: len(holdout_ids)]),
+               "uniform_loss": round(math.log(backbone.codebook_size + 1), 4)},
+        "final_loss": final_losses(state.curves),
+        "resumed_from": list(trainer.resumed_from) if trainer.resumed_from else None,
+    }
+    shown = np.linspace(0, len(holdout_ids) - 1, min(GRID_IMAGES, len(holdout_ids))).round().astype(int)
+    rows = {"held-out": originals[shown], "trained VQ": recons[shown], "untrained VQ": untrained_recons[shown]}
+    if backbone.diffusion is not None and trainer_diffusion_steps(trainer):
+        subset = data.holdout_images[:DIFFUSION_EVAL_IMAGES]
+        diff_originals, diff_recons = reconstruct(backbone, subset, decoder="diffusion")
+        metrics["diffusion"] = {**reconstruction_metrics(diff_originals, diff_recons), "images": len(subset)}
+        rows["diffusion"] = reconstruct(backbone, data.holdout_images[shown], decoder="diffusion")[1]
+
+    sample_captions = pick_captions(data, params.seed)
+    repeated = [c for c in sample_captions for _ in range(SAMPLES_PER_CAPTION)]
+    codes = sample_caption_codes(backbone, repeated, seed=params.seed)
+    with torch.no_grad(), autocast(device):
+        samples = backbone.decode_codes(codes).float().cpu()
+    metrics["seconds"] = {**state.seconds, "evaluate": round(time.perf_counter() - start, 3)}
+
+    with atomic_dir(ws.foundation) as tmp:
+        backbone.save_pretrained(tmp)
+        write_json(tmp / "metrics.json", metrics)
+        curves = pd.DataFrame(state.curves)
+        atomic_write_text(tmp / "curves.csv", curves.to_csv(index=False))
+        atomic_write_bytes(tmp / "curves.png", curves_png(curves))
+        atomic_write_bytes(tmp / "reconstructions.png", grid_png(rows, [data.holdout_captions[i] for i in shown]))
+        atomic_write_bytes(tmp / "samples.png", samples_png(samples, sample_captions))
+    shutil.rmtree(ws.checkpoint_dir("foundation"), ignore_errors=True)
+    tok = metrics["tokenizer"]
+    return {"holdout_psnr": tok["trained"]["psnr"], "holdout_ssim": tok["trained"]["ssim"],
+            "untrained_psnr": tok["untrained"]["psnr"], "holdout_lm_loss": metrics["lm"]["holdout_loss"],
+            "parameters": metrics["parameters"]["total"], "phase_seconds": state.seconds}
+
+
+def fingerprint(params: Params, data: FoundationData) -> str:
+    """What a checkpoint must match to be resumed (checkpoint_every may change between runs)."""
+    sections = section_dict(params, "backbone", "foundation", "seed")
+    sections["foundation"].pop("checkpoint_every")
+    text = json.dumps(sections, sort_keys=True) + data.fingerprint()
+    return hashlib.md5(text.encode()).hexdigest()
+
+
+def trainer_diffusion_steps(trainer: FoundationTrainer) -> int:
+    return trainer.cfg.diffusion_steps if trainer.model.diffusion is not None else 0
+
+
+def usage(codes: torch.Tensor, k: int) -> float:
+    return round(codes.unique().numel() / k, 4)
+
+
+def final_losses(curves: list[dict], last: int = 10) -> dict[str, float]:
+    frame = pd.DataFrame(curves)
+    if frame.empty:
+        return {}
+    return {phase: round(float(group["loss"].tail(last).mean()), 5) for phase, group in frame.groupby("phase")}
+
+
+def pick_captions(data: FoundationData, seed: int) -> list[str]:
+    """Half held-out, half training captions, distinct, seeded."""
+    rng = np.random.default_rng(seed)
+    held = list(dict.fromkeys(data.holdout_captions))
+    seen = list(dict.fromkeys(data.captions))
+    half = SAMPLE_CAPTIONS // 2
+    picked = [held[i] for i in rng.permutation(len(held))[:half]]
+    picked += [seen[i] for i in rng.permutation(len(seen))[: SAMPLE_CAPTIONS - len(picked)]]
+    return picked
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def grid_png(rows: dict[str, torch.Tensor], titles: list[str]) -> bytes:
+    from matplotlib.figure import Figure
+
+    cols = len(titles)
+    fig = Figure(figsize=(1.3 * cols + 1.2, 1.45 * len(rows)))
+    axes = np.asarray(fig.subplots(len(rows), cols, squeeze=False))
+    for r, (label, images) in enumerate(rows.items()):
+        for c, image in enumerate(_to_uint8(images)):
+            ax = axes[r, c]
+            ax.imshow(image, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c][:18], fontsize=6)
+        axes[r, 0].set_ylabel(label, fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def samples_png(samples: torch.Tensor, captions: list[str]) -> bytes:
+    per = len(samples) // len(captions)
+    rows = {f"sample {s + 1}": samples[s::per] for s in range(per)}
+    return grid_png(rows, captions)
+
+
+def curves_png(curves: pd.DataFrame) -> bytes:
+    from matplotlib.figure import Figure
+
+    phases = list(dict.fromkeys(curves["phase"])) if not curves.empty else []
+    fig = Figure(figsize=(4 * max(1, len(phases)), 3))
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(phases)), squeeze=False)[0])
+    for ax, phase in zip(axes, phases):
+        part = curves[curves["phase"] == phase]
+        for column in [c for c in ("loss", "recon", "vq") if c in part and part[c].notna().any()]:
+            ax.plot(part["step"], part[column], label=column, linewidth=1)
+        ax.set_yscale("log")
+        ax.set_title(f"foundation {phase}")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)

@@ -1,0 +1,159 @@
+"""Candidate generation: one candidate per α_r of the sweep for a seeded subset of windows.
+
+Windows are planned once (a pure function of the params and the windows files) and cut into
+shards of ``shard_size`` windows; every shard can be generated on its own, in any order or in
+parallel, and always gives the same codes (its random seeds derive from (seed, shard, chunk)).
+
+A shard is three things, written in this order, each atomically, so that the JSON's presence
+with a matching checksum means the shard is complete::
+
+    images/shard-XXXXX/<window_id>.png   the window's candidates side by side, in sweep order
+    shard-XXXXX.safetensors              codes [N, T], window_row [N] (row in the shard's windows),
+                                         alpha_ref [N], history_keep [N, H, T], reference_keep [N, T],
+                                         seeds [N]; N = windows × len(alpha_sweep), row = w·S + s
+    shard-XXXXX.json                     window_ids, splits, alpha_sweep, the run fingerprint and
+                                         the safetensors' md5
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pigeon.config import CandidatesConfig
+from pigeon.data.raw import png_bytes
+from pigeon.errors import DataError
+from pigeon.io import atomic_dir, file_md5, read_json, save_tensors, write_json
+from pigeon.runtime import autocast
+
+PLAN_SEED_OFFSET = 2  # window subsets come from (seed, 2, split): independent of training's orders
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass
+class CandidatePlan:
+    """The selected windows (train subset, then val subset) and how they are sharded."""
+
+    windows: pd.DataFrame  # column "split" says which split each row came from
+    shard_size: int
+
+    @property
+    def num_shards(self) -> int:
+        return -(-len(self.windows) // self.shard_size)
+
+    def shard(self, index: int) -> pd.DataFrame:
+        if not 0 <= index < self.num_shards:
+            raise DataError(f"shard {index}: the plan has shards 0..{self.num_shards - 1}")
+        return self.windows.iloc[index * self.shard_size : (index + 1) * self.shard_size]
+
+
+def seeded_subset(windows: pd.DataFrame, size: int, seed: int, split: str) -> pd.DataFrame:
+    """``size`` windows (all when fewer), drawn with a seed of their own, in file order."""
+    rng = np.random.default_rng([seed, PLAN_SEED_OFFSET, ["train", "val", "test"].index(split)])
+    rows = np.sort(rng.choice(len(windows), size=min(size, len(windows)), replace=False))
+    return windows.iloc[rows].assign(split=split)
+
+
+def plan_candidates(train: pd.DataFrame, val: pd.DataFrame, cfg: CandidatesConfig, seed: int) -> CandidatePlan:
+    if len(train) == 0:
+        raise DataError("windows_train.parquet: no training windows to generate candidates for")
+    windows = pd.concat([seeded_subset(train, cfg.train_windows, seed, "train"),
+                         seeded_subset(val, cfg.val_windows, seed, "val")], ignore_index=True)
+    bad = [w for w in windows["window_id"] if not SAFE_NAME.match(str(w))]
+    if bad:
+        raise DataError(f"windows: window_id {bad[0]!r} is not a safe file name")
+    if windows["window_id"].duplicated().any():
+        raise DataError(f"windows: window_id {windows['window_id'][windows['window_id'].duplicated()].iloc[0]!r} repeats")
+    return CandidatePlan(windows, cfg.shard_size)
+
+
+def chunk_seed(seed: int, shard: int, chunk: int) -> int:
+    return int(np.random.SeedSequence([seed, shard, chunk]).generate_state(1)[0])
+
+
+@torch.no_grad()
+def generate_candidates(model, encoder, windows: pd.DataFrame, cfg: CandidatesConfig, seed: int, shard: int,
+                        device: torch.device) -> tuple[dict[str, torch.Tensor], float]:
+    """Codes and the exact conditioning of every (window, α_r) of ``windows``, generated in chunks of
+    about ``cfg.batch_size`` sequences with the KV cache → (tensors on the CPU, generation seconds)."""
+    sweep = list(cfg.alpha_sweep)
+    per_call = max(1, cfg.batch_size // len(sweep))
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in
+                                            ("codes", "window_row", "alpha_ref", "history_keep", "reference_keep", "seeds")}
+    seconds = 0.0
+    for chunk, start in enumerate(range(0, len(windows), per_call)):
+        batch = encoder.batch(windows.iloc[start : start + per_call], target_col=None).to(device)
+        call_seed = chunk_seed(seed, shard, chunk)
+        began = time.perf_counter()
+        with autocast(device):
+            out = model.generate(batch, alpha_ref=sweep, num_samples=len(sweep), sampling=cfg.sampling, seed=call_seed)
+        seconds += time.perf_counter() - began
+        parts["codes"].append(out.codes.cpu())
+        parts["window_row"].append(out.window_index.cpu() + start)
+        parts["alpha_ref"].append(out.conditioning.alpha_ref.float().cpu())
+        parts["history_keep"].append(out.conditioning.history_keep.bool().cpu())
+        parts["reference_keep"].append(out.conditioning.reference_keep.bool().cpu())
+        parts["seeds"].append(torch.full((len(out.codes),), call_seed, dtype=torch.long))
+    return {k: torch.cat(v) for k, v in parts.items()}, seconds
+
+
+@torch.no_grad()
+def decode_strips(model, codes: torch.Tensor, per_window: int, batch_size: int, device: torch.device) -> np.ndarray:
+    """Decoded candidates as one uint8 strip per window: [W, S, S·per_window, 3]."""
+    images = []
+    for start in range(0, len(codes), batch_size):
+        decoded = model.decode(codes[start : start + batch_size].to(device)).float().clamp(-1, 1)
+        images.append(((decoded + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    images = np.concatenate(images)
+    n, s = images.shape[0] // per_window, images.shape[1]
+    return images.reshape(n, per_window, s, s, 3).transpose(0, 2, 1, 3, 4).reshape(n, s, per_window * s, 3)
+
+
+def strip_images(strip: np.ndarray, per_window: int) -> np.ndarray:
+    """Inverse of one row of :func:`decode_strips`: [S, S·n, 3] → [n, S, S, 3]."""
+    s = strip.shape[0]
+    return strip.reshape(s, per_window, s, 3).transpose(1, 0, 2, 3)
+
+
+def shard_files(folder: Path, index: int) -> tuple[Path, Path, Path]:
+    name = f"shard-{index:05d}"
+    return folder / f"{name}.safetensors", folder / f"{name}.json", folder / "images" / name
+
+
+def write_shard(folder: Path, index: int, windows: pd.DataFrame, tensors: dict[str, torch.Tensor],
+                strips: np.ndarray, meta: dict) -> None:
+    tensors_path, json_path, images_dir = shard_files(folder, index)
+    json_path.unlink(missing_ok=True)  # the shard is incomplete until its JSON is back
+    with atomic_dir(images_dir) as tmp:
+        for window_id, strip in zip(windows["window_id"], strips):
+            (tmp / f"{window_id}.png").write_bytes(png_bytes(strip))
+    save_tensors(tensors_path, tensors)
+    write_json(json_path, {**meta, "shard": index, "window_ids": windows["window_id"].tolist(),
+                           "splits": windows["split"].tolist(), "rows": len(tensors["codes"]),
+                           "md5": file_md5(tensors_path)})
+
+
+def shard_complete(folder: Path, index: int, windows: pd.DataFrame, run_fingerprint: str) -> bool:
+    """True when the shard on disk was written whole by a run with the same fingerprint and windows."""
+    tensors_path, json_path, images_dir = shard_files(folder, index)
+    try:
+        meta = read_json(json_path)
+    except Exception:  # missing or torn: regenerate
+        return False
+    return (meta.get("fingerprint") == run_fingerprint
+            and meta.get("window_ids") == windows["window_id"].tolist()
+            and tensors_path.is_file() and file_md5(tensors_path) == meta.get("md5")
+            and all((images_dir / f"{w}.png").is_file() for w in meta["window_ids"]))
+
+
+def read_shard(folder: Path, index: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    from pigeon.io import load_tensors
+
+    tensors_path, json_path, _ = shard_files(folder, index)
+    return read_json(json_path), load_tensors(tensors_path)

@@ -1,0 +1,155 @@
+"""Stage 1: masked preference reconstruction (DESIGN.md §1).
+
+A window's target is also its reference, masked with α_r ~ U(0, 1) per sample (drawn inside
+``PigeonModel.loss``); the loss is cross-entropy on the target's visual tokens. LoRA on the LM,
+the adapter and the mask generator train; α_h stays fixed.
+
+Validation uses a fixed, seeded subset of validation windows and a fixed, seeded α_r per window,
+so every evaluation (and the untrained head's baseline) sees the same problem; the masks
+themselves come from the mask generator being evaluated, with the training rule (high-scoring
+reference tokens masked), because learning them is part of what stage 1 trains.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from pigeon.config import Stage1Config
+from pigeon.errors import DataError
+from pigeon.runtime import autocast
+from pigeon.training.checkpoint import batch_rows, freeze_all_but, load_checkpoint, save_checkpoint
+
+VAL_SEED_OFFSET = 1  # the validation subset and its α_r come from (seed, 1), never from the train order
+
+
+def validation_subset(windows: pd.DataFrame, size: int, seed: int) -> tuple[pd.DataFrame, torch.Tensor]:
+    """A fixed, seeded subset of ``windows`` and one fixed α_r per window."""
+    if len(windows) == 0:
+        raise DataError("windows_val.parquet: no validation windows (stage1 needs a validation subset)")
+    rng = np.random.default_rng([seed, VAL_SEED_OFFSET])
+    rows = np.sort(rng.choice(len(windows), size=min(size, len(windows)), replace=False))
+    alpha_ref = torch.from_numpy(rng.random(len(rows))).float()
+    return windows.iloc[rows].reset_index(drop=True), alpha_ref
+
+
+@torch.no_grad()
+def validation_loss(model, encoder, windows: pd.DataFrame, alpha_ref: torch.Tensor, batch_size: int,
+                    device: torch.device) -> float:
+    """Window-weighted mean stage-1 loss on ``windows`` under the fixed α_r."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for start in range(0, len(windows), batch_size):
+        batch = encoder.batch(windows.iloc[start : start + batch_size]).to(device)
+        with autocast(device):
+            cond = model.condition(batch, alpha_ref=alpha_ref[start : start + batch_size].to(device), training=True)
+            loss, _ = model.loss(batch, cond)
+        total += float(loss) * len(batch)
+    model.train(was_training)
+    return total / len(windows)
+
+
+@dataclass
+class Stage1Result:
+    best_weights: dict[str, torch.Tensor]
+    metrics: dict[str, Any]
+    curve_rows: list[dict[str, Any]]
+
+
+def train_stage1(
+    model,
+    encoder,
+    train_windows: pd.DataFrame,
+    val_windows: pd.DataFrame,
+    cfg: Stage1Config,
+    seed: int,
+    device: torch.device,
+    checkpoint_dir: Path,
+    run_fingerprint: str,
+) -> Stage1Result:
+    """Train the stage-1 trainables of ``model`` in place; returns the best weights by validation loss.
+
+    Resumes from ``checkpoint_dir`` when it holds a checkpoint of the same run (``run_fingerprint``).
+    """
+    if len(train_windows) == 0:
+        raise DataError("windows_train.parquet: no training windows")
+    val_subset, val_alpha = validation_subset(val_windows, cfg.val_windows, seed)
+    trainable = model.trainable_parameters(lora=True, mask_generator=True, adapter=True)
+    trainables = freeze_all_but(model, trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
+    steps_per_epoch = math.ceil(len(train_windows) / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps), total_steps)
+
+    def evaluate() -> float:
+        return validation_loss(model, encoder, val_subset, val_alpha, cfg.batch_size, device)
+
+    resumed = load_checkpoint(checkpoint_dir, trainables, optimizer, scheduler, run_fingerprint)
+    if resumed is None:
+        progress: dict[str, Any] = {"step": 0, "rows": [], "best_val_loss": None, "best_step": None,
+                                    "evals_without_improvement": 0, "stopped_early": False,
+                                    "foundation_val_loss": evaluate()}
+        best_weights: dict[str, torch.Tensor] = {}
+    else:
+        progress, best_weights = resumed
+
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=progress["step"], desc="stage1", unit="step")
+    for step in range(progress["step"], total_steps):
+        batch = encoder.batch(train_windows.iloc[batch_rows(seed, step, len(train_windows), cfg.batch_size)])
+        with autocast(device):
+            loss, logs = model.loss(batch.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        row = {"step": step + 1, "train_loss": float(loss), "lr": scheduler.get_last_lr()[0],
+               "grad_norm": float(grad_norm), **{k: float(v) for k, v in logs.items() if k != "loss"}}
+        progress["step"] = step + 1
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == total_steps:
+            row["val_loss"] = evaluate()
+            if progress["best_val_loss"] is None or row["val_loss"] < progress["best_val_loss"]:
+                progress.update(best_val_loss=row["val_loss"], best_step=step + 1, evals_without_improvement=0)
+                best_weights = {k: p.detach().cpu().clone() for k, p in trainables.items()}
+            else:
+                progress["evals_without_improvement"] += 1
+                progress["stopped_early"] = progress["evals_without_improvement"] >= cfg.patience
+        progress["rows"].append(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", best_val=f"{progress['best_val_loss'] or math.nan:.3f}")
+        if progress["stopped_early"]:
+            break
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps:
+            save_checkpoint(checkpoint_dir, trainables, optimizer, scheduler, progress, run_fingerprint, best_weights)
+    bar.close()
+
+    rows = progress["rows"]
+    val_rows = [r for r in rows if "val_loss" in r]
+    metrics = {
+        "steps": progress["step"],
+        "planned_steps": total_steps,
+        "stopped_early": progress["stopped_early"],
+        "train_windows": len(train_windows),
+        "val_windows": len(val_subset),
+        "foundation_val_loss": progress["foundation_val_loss"],
+        "best_val_loss": progress["best_val_loss"],
+        "best_step": progress["best_step"],
+        "final_val_loss": val_rows[-1]["val_loss"],
+        "final_train_loss": rows[-1]["train_loss"],
+        "train_seconds_this_run": round(time.perf_counter() - start, 2),
+    }
+    return Stage1Result(best_weights, metrics, rows)

@@ -1,0 +1,238 @@
+"""PigeonModel on the built-in tiny backbone (smoke sizes): the model API contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pigeon.config import LoraConfig, ModelConfig, SamplingConfig, load_params
+from pigeon.models.pigeon import Conditioning, PigeonModel, WindowBatch
+from pigeon.models.tiny import TinyBackbone
+
+REPO = Path(__file__).resolve().parents[2]
+CAPTIONS = ["grinning face", "red star", "blue circle with stripe", "cat face"]
+B = 3
+
+
+def smoke():
+    return load_params(REPO / "params.yaml", profile="smoke")
+
+
+def tiny_backbone() -> TinyBackbone:
+    return TinyBackbone.create(smoke().backbone, CAPTIONS, seed=0)
+
+
+def make_model(mode: str = "trained", use_adapter: bool = True, lora: bool = True) -> PigeonModel:
+    params = smoke()
+    cfg = params.model.model_copy(update={"use_adapter": use_adapter,
+                                          "mask": params.model.mask.model_copy(update={"mode": mode})})
+    torch.manual_seed(0)
+    model = PigeonModel(tiny_backbone(), cfg)
+    if lora:
+        model.add_lora(params.stage1.lora)
+        with torch.no_grad():  # LoRA B starts at zero: make the adapter matter for the tests
+            for p in model.trainable_parameters(mask_generator=False, adapter=False):
+                p.normal_(0, 0.05)
+    return model
+
+
+def make_batch(model: PigeonModel, b: int = B, seed: int = 0) -> WindowBatch:
+    bb, g = model.backbone, torch.Generator().manual_seed(seed)
+    k, t, h = bb.codebook_size, bb.tokens_per_image, model.history_len
+    ids, mask = bb.tokenize_captions([CAPTIONS[i % len(CAPTIONS)] for i in range(b)], 12)
+    return WindowBatch(torch.randint(0, k, (b, h, t), generator=g), torch.randint(0, k, (b, t), generator=g),
+                       ids, mask, torch.randint(0, k, (b, t), generator=g))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Oversubscribed threads on the shared CPU were measured 50x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(one_thread) -> PigeonModel:
+    return make_model().eval()
+
+
+def manual_logps(model: PigeonModel, batch: WindowBatch, codes: torch.Tensor, cond: Conditioning):
+    """Row by row, padding stripped, default positions: the sequence of DESIGN.md §1 built by hand."""
+    bb, out = model.backbone, []
+    k = bb.codebook_size
+    for i in range(len(batch)):
+        caption = batch.caption_ids[i][batch.caption_mask[i].bool()]
+        history = bb.embed_codes(batch.history_codes[i].flatten()) * cond.history_keep[i].flatten()[:, None]
+        emb = model.adapter(bb.condition_features(batch.reference_codes[i:i + 1]), cond.reference_keep[i:i + 1].float())
+        seq = torch.cat([bb.embed_text(caption[None])[0], history, emb, bb.special_embedding("img")[None],
+                         bb.embed_codes(codes[i])])
+        hidden, _ = bb.transformer(seq[None])
+        logp = torch.log_softmax(bb.image_logits(hidden[0, -(codes.shape[1] + 1):]).float(), dim=-1)
+        targets = torch.cat([codes[i], torch.tensor([k])])
+        out.append(sum(logp[j, targets[j]] for j in range(len(targets))))
+    return torch.stack(out)
+
+
+def test_condition_shapes_and_counts(model):
+    batch = make_batch(model)
+    t, h = model.backbone.tokens_per_image, model.history_len
+    cond = model.condition(batch, alpha_ref=torch.tensor([0.0, 0.5, 1.0]))
+    assert cond.history_keep.shape == (B, h, t) and cond.history_keep.dtype == torch.bool
+    assert cond.history_keep.reshape(B, -1).sum(1).tolist() == [round(0.8 * h * t)] * B
+    assert cond.reference_keep.sum(1).tolist() == [t, t // 2, 0]
+    train = model.condition(batch, training=True, generator=torch.Generator().manual_seed(0))
+    assert bool(((train.alpha_ref >= 0) & (train.alpha_ref <= 1)).all()) and train.alpha_ref.unique().numel() == B
+    sub = cond.select(torch.tensor([2, 0]))
+    assert torch.equal(sub.reference_keep, cond.reference_keep[[2, 0]])
+    assert len(cond.repeat_interleave(2)) == 2 * B and len(batch.select(torch.tensor([1]))) == 1
+
+
+def test_sequence_logps_equals_manual_sum_and_loss(model):
+    batch = make_batch(model)
+    cond = model.condition(batch, alpha_ref=0.4)
+    codes = batch.target_codes
+    with torch.no_grad():
+        logps = model.sequence_logps(batch, codes, cond)
+        expected = manual_logps(model, batch, codes, cond)
+        loss, metrics = model.loss(batch, cond)
+    assert logps.shape == (B,)
+    torch.testing.assert_close(logps, expected, rtol=1e-4, atol=1e-3)
+    t = model.backbone.tokens_per_image
+    torch.testing.assert_close(loss, -logps.sum() / (B * (t + 1)), rtol=1e-5, atol=1e-5)
+    assert set(metrics) >= {"loss", "code_accuracy"}
+
+
+def test_conditioning_replay_gives_equal_logps(model):
+    batch = make_batch(model)
+    cond = model.condition(batch, training=True, generator=torch.Generator().manual_seed(5))
+    again = model.condition(batch, training=True, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(cond.reference_keep, again.reference_keep)
+    replay = Conditioning.from_numpy({k: v.copy() for k, v in cond.to_numpy().items()})
+    with torch.no_grad():
+        first = model.sequence_logps(batch, batch.target_codes, cond)
+        second = model.sequence_logps(batch, batch.target_codes, replay)
+        other = model.sequence_logps(batch, batch.target_codes, model.condition(batch, alpha_ref=0.9))
+    assert torch.equal(first, second)
+    assert (first - other).abs().max() > 1e-5  # the conditioning does matter
+
+
+@pytest.mark.parametrize("mode", ["trained", "released", "none"])
+def test_gradients_reach_mask_generator_only_when_trained(mode):
+    model = make_model(mode).train()
+    loss, _ = model.loss(make_batch(model))
+    loss.backward()
+    for name, param in model.mask_generator.named_parameters():
+        if mode == "trained":
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None, name
+    for param in model.trainable_parameters(mask_generator=False):
+        assert param.grad is not None and param.grad.abs().sum() > 0
+    base = [p for n, p in model.backbone.named_parameters() if "lora_" not in n]
+    assert all(p.grad is None for p in base)
+
+
+def test_generation_same_codes_with_and_without_cache(model):
+    batch = make_batch(model, b=2)
+    k, t = model.backbone.codebook_size, model.backbone.tokens_per_image
+    cached = model.generate(batch, [0.0, 1.0], seed=7)
+    uncached = model.generate(batch, [0.0, 1.0], seed=7, use_cache=False)
+    assert cached.codes.shape == (4, t) and cached.codes.dtype == torch.long
+    assert torch.equal(cached.codes, uncached.codes)
+    assert int(cached.codes.min()) >= 0 and int(cached.codes.max()) < k
+    assert cached.window_index.tolist() == [0, 0, 1, 1]
+    assert cached.conditioning.alpha_ref.tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert cached.conditioning.reference_keep.sum(1).tolist() == [t, 0, t, 0]
+    assert not torch.equal(cached.codes, model.generate(batch, [0.0, 1.0], seed=8).codes)
+    # replaying the recorded conditioning reproduces the codes
+    replay = model.generate(batch, [0.0, 1.0], seed=7, cond=cached.conditioning)
+    assert torch.equal(replay.codes, cached.codes)
+
+
+def test_generation_top_k_and_never_end_of_image(model, monkeypatch):
+    batch = make_batch(model, b=2)
+    greedy = SamplingConfig(top_k=1)
+    first = model.generate(batch, 0.5, num_samples=2, sampling=greedy, seed=0)
+    assert torch.equal(first.codes, model.generate(batch, 0.5, num_samples=2, sampling=greedy, seed=1).codes)
+    assert torch.equal(first.codes[0], first.codes[1])  # top-1 is greedy: the samples agree
+    logits = model.backbone.image_logits
+
+    def end_of_image_dominates(hidden):
+        out = logits(hidden).clone()
+        out[..., -1] += 1e4
+        return out
+
+    monkeypatch.setattr(model.backbone, "image_logits", end_of_image_dominates)
+    out = model.generate(batch, torch.tensor([0.2, 0.8]), sampling=SamplingConfig(temperature=2.0), seed=3)
+    assert int(out.codes.max()) < model.backbone.codebook_size
+    assert out.conditioning.alpha_ref.tolist() == pytest.approx([0.2, 0.8])
+
+
+def test_no_adapter_uses_plain_emb_token():
+    model = make_model(use_adapter=False, lora=False).eval()
+    assert model.adapter is None
+    batch = make_batch(model)
+    cond = model.condition(batch, alpha_ref=0.5)
+    prefix, _ = model._prefix(batch, cond.history_keep.float(), cond.reference_keep.float())
+    emb_slot = prefix[:, -2]
+    assert torch.equal(emb_slot, model.backbone.special_embedding("emb").expand_as(emb_slot))
+    assert torch.isfinite(model.loss(batch)[0])
+
+
+def test_save_load_trainable_round_trip(tmp_path, model):
+    model.save_trainable(tmp_path)
+    assert {"adapter_model.safetensors", "adapter_config.json", "mask_generator.safetensors",
+            "adapter.safetensors", "pigeon_config.json"} <= {p.name for p in tmp_path.iterdir()}
+    peft_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert peft_config["r"] == 8 and peft_config["peft_type"] == "LORA"
+    fresh = PigeonModel(tiny_backbone(), model.cfg).eval()
+    fresh.load_trainable(tmp_path)
+    assert fresh.lora_config == model.lora_config
+    for mine, theirs in zip(model.trainable_parameters(), fresh.trainable_parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+    batch = make_batch(model)
+    cond = model.condition(batch, alpha_ref=0.3)
+    with torch.no_grad():
+        assert torch.equal(model.sequence_logps(batch, batch.target_codes, cond),
+                           fresh.sequence_logps(batch, batch.target_codes, cond))
+
+
+def test_window_encoder_and_item_code_cache(tmp_path, synthetic_raw):
+    from pigeon.data.raw import load_images, read_items
+    from pigeon.models.batching import WindowEncoder, cached_item_codes, item_codes
+    from pigeon.paths import Workspace
+
+    ws = Workspace.at(tmp_path)
+    (ws.root / "data").mkdir()
+    (ws.root / "data" / "raw").symlink_to(synthetic_raw)
+    backbone = tiny_backbone().eval()
+    backbone.save_pretrained(ws.foundation)
+    params = smoke()
+    items = read_items(ws.raw)
+    codes = cached_item_codes(params, ws, backbone)
+    assert codes.shape == (len(items), backbone.tokens_per_image)
+    cache = list((ws.root / ".pigeon" / "cache").glob("codes-*.safetensors"))
+    assert len(cache) == 1
+    stamp = cache[0].stat().st_mtime_ns
+    assert torch.equal(cached_item_codes(params, ws, backbone), codes) and cache[0].stat().st_mtime_ns == stamp
+    images = load_images(ws.raw, 32, items)[:5]
+    assert torch.equal(item_codes(backbone, images, batch_size=2), codes[:5])
+
+    cfg = ModelConfig()
+    windows = pd.DataFrame({**{f"history_{i}": [i, i + 1] for i in range(5)},
+                            "target_item": [7, 9], "reference_item": [11, 3]})
+    batch = WindowEncoder(backbone, codes, items, cfg, 12).batch(windows, reference_col="reference_item")
+    assert torch.equal(batch.history_codes[1, 4], codes[5])
+    assert torch.equal(batch.reference_codes, codes[[11, 3]]) and torch.equal(batch.target_codes, codes[[7, 9]])
+    ids, _ = backbone.tokenize_captions([items.loc[11, "name"]], 12)
+    assert torch.equal(batch.caption_ids[0], ids[0])
+    none = WindowEncoder(backbone, codes, items, cfg, 12).batch(windows, target_col=None)
+    assert none.target_codes is None and torch.equal(none.reference_codes, codes[[7, 9]])
+    assert np.array_equal(batch.caption_mask.sum(1).numpy() > 0, [True, True])
