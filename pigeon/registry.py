@@ -23,6 +23,7 @@ METHOD = "pigeon"  # the row of reports/metrics.json that is registered
 PREVIOUS_TAG = "pigeon.previous_champion"
 HISTORY_TAG = "pigeon.champion_history"
 HISTORY_KEEP = 50
+EPS = 1e-9  # scores are means of finitely many windows: ignore float noise at the thresholds
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,9 @@ def gate(candidate: Scores, champion: Scores | None, cfg, champion_version: str 
               f"{champion.personalization:.4f} (gain {gain:+.4f}, needs > {cfg.min_gain})")
     s_text = f"{s_name} {candidate.semantic:.4f} vs {champion.semantic:.4f} (drop {drop:+.4f}, " \
              f"allowed <= {cfg.semantic_tolerance})"
-    if gain <= cfg.min_gain:
+    if gain <= cfg.min_gain + EPS:
         return Decision(False, f"not promoted: {p_text}")
-    if drop > cfg.semantic_tolerance + 1e-12:
+    if drop > cfg.semantic_tolerance + EPS:
         return Decision(False, f"not promoted: {s_text}")
     return Decision(True, f"promoted: {p_text}; {s_text}")
 

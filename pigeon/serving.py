@@ -30,6 +30,7 @@ from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 
 from pigeon.errors import PigeonError
 
@@ -210,8 +211,6 @@ def _to_square_rgb(img, size: int) -> np.ndarray:
 
 def request_rows(model_input: Any, limits: RequestLimits = RequestLimits()) -> list[dict]:
     """A pyfunc input (DataFrame, dict, list of dicts, JSON text) → request dicts."""
-    import pandas as pd
-
     if isinstance(model_input, (str, bytes, bytearray)):
         try:
             model_input = json.loads(model_input)
@@ -314,7 +313,8 @@ class PigeonPyfunc(mlflow.pyfunc.PythonModel):
         setup_torch(params.threads)
         self.generator = PigeonGenerator(params, Workspace.at(root), weights="dpo")
 
-    def predict(self, context, model_input, params: dict | None = None) -> list[str]:
+    # The DataFrame hint only silences MLflow's type-hint notice: the signature below governs the input.
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         from mlflow.exceptions import MlflowException
 
         try:
@@ -368,7 +368,6 @@ def generate_file(params, ws, history: list[str], reference: str, caption: str, 
 
 def _predict_with_mlflow(params, ws, model_uri: str, request: dict) -> str:
     import mlflow
-    import pandas as pd
     from mlflow.exceptions import MlflowException
 
     from pigeon.tracking import resolve_tracking_uri

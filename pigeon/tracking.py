@@ -446,7 +446,8 @@ def _log_stage_outputs(run: StageRun, ws: Workspace) -> None:
 
 
 def _curve_metrics(path: Path) -> list:
-    """One metric per numeric column and row of a curves CSV (``step`` column = the step)."""
+    """One metric per numeric cell of a curves CSV: ``step`` is the step, a ``phase`` column (e.g.
+    foundation's vq / lm) prefixes the name, empty cells are skipped."""
     import pandas as pd
     from mlflow.entities import Metric
 
@@ -456,13 +457,16 @@ def _curve_metrics(path: Path) -> list:
         return []
     prefix = path.stem.replace("curves", "").strip("_-")
     prefix = f"{prefix}/" if prefix else ""
-    steps = table["step"].to_numpy() if "step" in table else range(len(table))
+    if "step" not in table:
+        table["step"] = range(len(table))
+    phases = table.groupby("phase", sort=False) if "phase" in table else [(None, table)]
     now, out = _now_ms(), []
-    for column in table.columns:
-        if column == "step" or not pd.api.types.is_numeric_dtype(table[column]):
-            continue
-        key = _metric_key(prefix + str(column))
-        for step, value in zip(steps, table[column].to_numpy()):
-            if math.isfinite(float(value)) and len(out) < 50 * MAX_METRICS:
-                out.append(Metric(key, float(value), now, int(step)))
+    for phase, part in phases:
+        for column in part.columns:
+            if column == "step" or not pd.api.types.is_numeric_dtype(part[column]):
+                continue
+            key = _metric_key(prefix + (f"{phase}/" if phase is not None else "") + str(column))
+            for step, value in zip(part["step"].to_numpy(), part[column].to_numpy(dtype=float)):
+                if math.isfinite(value) and len(out) < 50 * MAX_METRICS:
+                    out.append(Metric(key, float(value), now, int(step)))
     return out

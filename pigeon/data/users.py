@@ -207,7 +207,7 @@ def write_simulation(sim: Simulation, out_dir: Path) -> None:
         frame.to_parquet(out_dir / f"windows_{name}.parquet", index=False)
 
 
-def _read_table(path: Path, columns: list[str] | tuple[str, ...]) -> pd.DataFrame:
+def read_table(path: Path, columns: list[str] | tuple[str, ...]) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: file missing (run `pigeon stage simulate`)")
     try:
@@ -221,11 +221,11 @@ def _read_table(path: Path, columns: list[str] | tuple[str, ...]) -> pd.DataFram
 
 
 def read_users(ws: Workspace) -> pd.DataFrame:
-    return _read_table(ws.users / "users.parquet", USER_COLUMNS)
+    return read_table(ws.users / "users.parquet", USER_COLUMNS)
 
 
 def read_interactions(ws: Workspace) -> pd.DataFrame:
-    return _read_table(ws.users / "interactions.parquet", INTERACTION_COLUMNS)
+    return read_table(ws.users / "interactions.parquet", INTERACTION_COLUMNS)
 
 
 def read_windows(ws: Workspace, split: str, history_len: int | None = None) -> pd.DataFrame:
@@ -233,7 +233,7 @@ def read_windows(ws: Workspace, split: str, history_len: int | None = None) -> p
     if split not in SPLITS:
         raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     path = ws.users / f"windows_{split}.parquet"
-    frame = _read_table(path, [])
+    frame = read_table(path, [])
     if history_len is None:  # infer from the file: history_0 … history_{H-1}
         history_len = sum(1 for c in frame.columns if c.startswith("history_"))
         if history_len == 0:

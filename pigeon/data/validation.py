@@ -25,6 +25,7 @@ from pigeon.data.users import (
     SPLITS,
     USER_COLUMNS,
     read_interactions,
+    read_table,
     read_users,
     window_columns,
 )
@@ -32,6 +33,7 @@ from pigeon.errors import DataError
 from pigeon.paths import Workspace
 
 SAMPLE_SIZE = 5
+EXPECTED_KEYS = ("min_value", "max_value", "value")  # bounds worth repeating in a failure line
 FIRST_CHECKS = {
     name: rank
     for rank, name in enumerate(
@@ -68,12 +70,18 @@ class Check:
     element_count: int | None = None
     sample: list = field(default_factory=list)
     observed: Any = None
+    expected: dict = field(default_factory=dict)
 
     def line(self) -> str:
         where = f"{self.suite}.{self.column}" if self.column else self.suite
-        count = "" if self.unexpected_count is None else f" {self.unexpected_count} unexpected,"
-        seen = "" if self.observed is None else f" observed {_short(self.observed)},"
-        return f"FAILED {self.expectation} on {where}:{count}{seen} sample {_short(self.sample)}"
+        parts = [] if self.unexpected_count is None else [f"{self.unexpected_count} unexpected"]
+        if self.observed is not None:
+            parts.append(f"observed {_short(self.observed)}")
+        if self.expected and self.unexpected_count is None:
+            parts.append(f"expected {_short(self.expected)}")
+        if self.sample:
+            parts.append(f"sample {_short(self.sample)}")
+        return f"FAILED {self.expectation} on {where}: {', '.join(parts)}"
 
 
 def _short(value: Any, limit: int = 160) -> str:
@@ -130,8 +138,11 @@ class _GxRunner:
         res = r.result or {}
         sample = _plain(res.get("partial_unexpected_list", []))[:SAMPLE_SIZE]
         observed = _plain(res.get("observed_value"))
-        if isinstance(observed, list):  # e.g. the table's columns: report only what is off
-            observed = _plain((res.get("details") or {}).get("mismatched")) or None
+        mismatched = (res.get("details") or {}).get("mismatched")
+        if isinstance(observed, list) and mismatched:  # the table's columns: report only what is off
+            observed = _plain(mismatched)
+        if isinstance(observed, float):
+            observed = round(observed, 6)
         if r.exception_info and r.exception_info.get("raised_exception"):
             sample = [str(r.exception_info.get("exception_message", "")).splitlines()[0][:200]]
         return Check(
@@ -143,6 +154,7 @@ class _GxRunner:
             res.get("element_count"),
             sample,
             observed,
+            {k: _plain(kwargs[k]) for k in EXPECTED_KEYS if kwargs.get(k) is not None},
         )
 
 
@@ -239,8 +251,8 @@ def interaction_expectations(gxe, params: Params, n_items: int, user_ids: list[i
         gxe.ExpectColumnPairValuesToBeEqual(column_A="is_noise", column_B="item_style_is_other"),
         gxe.ExpectColumnMeanToBeBetween(
             column="is_noise",
-            min_value=max(0.0, sim.noise_rate - sim.noise_tolerance),
-            max_value=sim.noise_rate + sim.noise_tolerance,
+            min_value=round(max(0.0, sim.noise_rate - sim.noise_tolerance), 6),
+            max_value=round(sim.noise_rate + sim.noise_tolerance, 6),
         ),
     ]
     return exps
@@ -319,24 +331,14 @@ def _derive_windows(frame: pd.DataFrame, items: pd.DataFrame, users: pd.DataFram
     return out
 
 
-def _read_windows_raw(ws: Workspace, split: str) -> pd.DataFrame:
-    """The split's windows as stored; column problems are left to the schema expectations."""
-    path = ws.users / f"windows_{split}.parquet"
-    if not path.is_file():
-        raise DataError(f"{path}: file missing (run `pigeon stage simulate`)")
-    try:
-        return pd.read_parquet(path)
-    except Exception as exc:
-        raise DataError(f"{path}: cannot read parquet ({type(exc).__name__}: {exc})") from exc
-
-
 def validate_data(params: Params, ws: Workspace) -> list[Check]:
     """Run every suite and the image check; return all outcomes (the caller decides what fails)."""
     import great_expectations.expectations as gxe
 
     items = read_items(ws.raw)
     users, interactions = read_users(ws), read_interactions(ws)
-    windows = {split: _read_windows_raw(ws, split) for split in SPLITS}
+    # Windows as stored: column problems are left to the schema expectations.
+    windows = {split: read_table(ws.users / f"windows_{split}.parquet", []) for split in SPLITS}
     styles = sorted(items["style"].unique().tolist())
     n_items = len(items)
     runner = _GxRunner()

@@ -45,7 +45,7 @@ class JanusBackbone(Backbone):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, trust_remote_code: bool = False,
-                        dtype: torch.dtype = torch.float32) -> "JanusBackbone":
+                        dtype: torch.dtype = torch.float32) -> JanusBackbone:
         from transformers import AutoTokenizer, JanusForConditionalGeneration
 
         path = Path(path)

@@ -11,7 +11,6 @@ sequence with the same position ids (``cumsum(attention_mask) - 1``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from pigeon.config import LoraConfig, ModelConfig, SamplingConfig
 from pigeon.errors import CheckpointError, PigeonError
 from pigeon.io import load_tensors, read_json, save_tensors, write_json
 from pigeon.models.backbone import Backbone
+from pigeon.models.generation import sample_codes
 from pigeon.models.mask import MaskGenerator
 from pigeon.models.personalization import Adapter
 
@@ -38,10 +38,10 @@ class WindowBatch:
     caption_mask: torch.Tensor  # [B, L] long
     target_codes: torch.Tensor | None = None  # [B, T] long; None at inference
 
-    def to(self, device) -> "WindowBatch":
+    def to(self, device) -> WindowBatch:
         return WindowBatch(*(None if v is None else v.to(device) for v in self._fields()))
 
-    def select(self, index: torch.Tensor) -> "WindowBatch":
+    def select(self, index: torch.Tensor) -> WindowBatch:
         index = index.to(self.history_codes.device)
         return WindowBatch(*(None if v is None else v.index_select(0, index) for v in self._fields()))
 
@@ -60,15 +60,15 @@ class Conditioning:
     reference_keep: torch.Tensor  # [B, T] bool
     alpha_ref: torch.Tensor  # [B] float
 
-    def to(self, device) -> "Conditioning":
+    def to(self, device) -> Conditioning:
         return Conditioning(self.history_keep.to(device), self.reference_keep.to(device), self.alpha_ref.to(device))
 
-    def select(self, index: torch.Tensor) -> "Conditioning":
+    def select(self, index: torch.Tensor) -> Conditioning:
         index = index.to(self.history_keep.device)
         return Conditioning(*(v.index_select(0, index) for v in (self.history_keep, self.reference_keep,
                                                                   self.alpha_ref)))
 
-    def repeat_interleave(self, n: int) -> "Conditioning":
+    def repeat_interleave(self, n: int) -> Conditioning:
         return Conditioning(*(v.repeat_interleave(n, dim=0) for v in (self.history_keep, self.reference_keep,
                                                                       self.alpha_ref)))
 
@@ -78,7 +78,7 @@ class Conditioning:
                 "alpha_ref": self.alpha_ref.float().cpu().numpy()}
 
     @classmethod
-    def from_numpy(cls, d: dict) -> "Conditioning":
+    def from_numpy(cls, d: dict) -> Conditioning:
         return cls(torch.as_tensor(np.asarray(d["history_keep"])).bool(),
                    torch.as_tensor(np.asarray(d["reference_keep"])).bool(),
                    torch.as_tensor(np.asarray(d["alpha_ref"])).float())
@@ -92,17 +92,6 @@ class GenerationOutput:
     codes: torch.Tensor  # [B*S, T] sampled visual codes; row = window i * S + sample s
     conditioning: Conditioning  # for the B*S rows, exactly what was used
     window_index: torch.Tensor  # [B*S] source window of each row
-
-
-def _gumbel_sample(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
-    """One categorical draw per row (Gumbel-max); always consumes one uniform per logit, so the
-    random stream, and hence the codes, do not depend on how the logits were computed."""
-    logits = logits.float() / sampling.temperature
-    if 0 < sampling.top_k < logits.shape[-1]:
-        kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-20, 1.0)
-    return (logits - torch.log(-torch.log(uniform))).argmax(dim=-1)
 
 
 class PigeonModel(nn.Module):
@@ -154,16 +143,20 @@ class PigeonModel(nn.Module):
             raise PigeonError(f"alpha_ref must be one value or {n} values in [0, 1], got {alpha.tolist()}")
         return alpha.clone()
 
-    def _masks(self, batch: WindowBatch, alpha_ref, training: bool, generator=None):
-        """→ (Conditioning, history mask [B,H,T] float, reference mask [B,T] float, history embeds)."""
+    def _masks(self, batch: WindowBatch, alpha_ref, training: bool, generator=None, repeat: int = 1):
+        """→ (Conditioning, history mask [N,H,T] float, reference mask [N,T] float, history embeds [B,H*T,d])
+        for N = B × ``repeat`` rows (row i*repeat + s from window i); scores are computed once per window."""
         b, h, t = batch.history_codes.shape
         history_embeds = self.backbone.embed_codes(batch.history_codes.reshape(b, h * t)).reshape(b, h, t, -1)
         reference_embeds = self.backbone.embed_codes(batch.reference_codes)
-        alpha = self._alpha_rows(alpha_ref, b, training, generator, batch.history_codes.device)
+        alpha = self._alpha_rows(alpha_ref, b * repeat, training, generator, batch.history_codes.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.mask_generator.mode == "trained"):
             history_scores, reference_scores = self.mask_generator.scores(history_embeds, reference_embeds)
             history_keep, history_mask = self.mask_generator.history_mask(history_scores)
+            reference_scores = reference_scores.repeat_interleave(repeat, dim=0)
             reference_keep, reference_mask = self.mask_generator.reference_mask(reference_scores, alpha, training)
+        if repeat > 1:
+            history_keep, history_mask = (x.repeat_interleave(repeat, dim=0) for x in (history_keep, history_mask))
         cond = Conditioning(history_keep, reference_keep, alpha)
         return cond, history_mask, reference_mask, history_embeds.reshape(b, h * t, -1)
 
@@ -174,36 +167,44 @@ class PigeonModel(nn.Module):
             return self._masks(batch, alpha_ref, training, generator)[0]
 
     # --- the sequence -------------------------------------------------------------------------
-    def _prefix(self, batch: WindowBatch, history_mask, reference_mask, history_embeds=None):
-        """→ (prefix embeds [B, P, d] ending with <img>, attention mask [B, P])."""
+    def context(self, batch: WindowBatch, history_mask, history_embeds=None):
+        """[caption] [history ⊙ keep] → (embeds [B, L + H*T, d], attention mask)."""
         bb = self.backbone
         b, h, t = batch.history_codes.shape
         text = bb.embed_text(batch.caption_ids)
-        dtype = text.dtype
         if history_embeds is None:
             history_embeds = bb.embed_codes(batch.history_codes.reshape(b, h * t))
-        history = history_embeds.to(dtype) * history_mask.reshape(b, h * t, 1).to(dtype)
+        history = history_embeds.to(text.dtype) * history_mask.reshape(b, h * t, 1).to(text.dtype)
+        attention = torch.cat([batch.caption_mask.long(), batch.caption_mask.new_ones(b, h * t)], dim=1)
+        return torch.cat([text, history], dim=1), attention
+
+    def query_tokens(self, batch: WindowBatch, reference_mask, dtype: torch.dtype) -> torch.Tensor:
+        """[<emb>] [<img>] → [B, 2, d]; <emb> = adapter(pooled kept reference features) or the plain token."""
+        bb, b = self.backbone, len(batch)
         if self.adapter is not None:
-            features = bb.condition_features(batch.reference_codes)
-            emb = self.adapter(features, reference_mask)[:, None].to(dtype)
+            emb = self.adapter(bb.condition_features(batch.reference_codes), reference_mask)[:, None].to(dtype)
         else:
             emb = bb.special_embedding("emb").to(dtype).expand(b, 1, -1)
-        img = bb.special_embedding("img").to(dtype).expand(b, 1, -1)
-        prefix = torch.cat([text, history, emb, img], dim=1)
-        attention = torch.cat([batch.caption_mask.long(), batch.caption_mask.new_ones(b, h * t + 2)], dim=1)
-        return prefix, attention
+        return torch.cat([emb, bb.special_embedding("img").to(dtype).expand(b, 1, -1)], dim=1)
+
+    def prefix(self, batch: WindowBatch, history_mask, reference_mask, history_embeds=None):
+        """The whole prompt → (embeds [B, P, d] ending with <img>, attention mask [B, P])."""
+        context, attention = self.context(batch, history_mask, history_embeds)
+        query = self.query_tokens(batch, reference_mask, context.dtype)
+        return torch.cat([context, query], dim=1), torch.cat([attention, attention.new_ones(len(batch), 2)], dim=1)
 
     @staticmethod
-    def _positions(attention: torch.Tensor) -> torch.Tensor:
+    def positions(attention: torch.Tensor) -> torch.Tensor:
+        """Position ids that skip left padding (the same in every path)."""
         return (attention.cumsum(dim=1) - 1).clamp_min(0)
 
     def _code_logits(self, batch, codes, history_mask, reference_mask, history_embeds=None) -> torch.Tensor:
         """Teacher-forced logits [B, T+1, K+1] for the T codes and end-of-image."""
-        prefix, attention = self._prefix(batch, history_mask, reference_mask, history_embeds)
+        prefix, attention = self.prefix(batch, history_mask, reference_mask, history_embeds)
         target = self.backbone.embed_codes(codes).to(prefix.dtype)
         attention = torch.cat([attention, attention.new_ones(codes.shape)], dim=1)
         hidden, _ = self.backbone.transformer(torch.cat([prefix, target], dim=1), attention,
-                                              self._positions(attention))
+                                              self.positions(attention))
         return self.backbone.image_logits(hidden[:, prefix.shape[1] - 1:]).float()
 
     def _targets(self, codes: torch.Tensor) -> torch.Tensor:
@@ -255,7 +256,7 @@ class PigeonModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch: WindowBatch, alpha_ref, num_samples: int = 1,
-                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0,  # noqa: B008 (frozen)
                  cond: Conditioning | None = None, use_cache: bool = True) -> GenerationOutput:
         """Sample T visual codes per window × sample (never end-of-image), in eval mode."""
         was_training = self.training
@@ -267,39 +268,18 @@ class PigeonModel(nn.Module):
 
     def _generate(self, batch, alpha_ref, num_samples, sampling, seed, cond, use_cache) -> GenerationOutput:
         device = batch.history_codes.device
-        b, t, k = len(batch), self.backbone.tokens_per_image, self.backbone.codebook_size
+        b = len(batch)
         s, alpha_rows = self._sample_rows(b, alpha_ref, num_samples, device)
         window_index = torch.arange(b, device=device).repeat_interleave(s)
         rows = batch.select(window_index) if s > 1 else batch
         if cond is None:
-            cond = self.condition(rows, alpha_ref=alpha_rows, training=False)
+            cond = self._masks(batch, alpha_rows, training=False, repeat=s)[0]
         elif len(cond) == b and s > 1:
             cond = cond.repeat_interleave(s)
         if len(cond) != len(rows):
             raise PigeonError(f"conditioning has {len(cond)} rows, expected {b} or {len(rows)}")
         cond = cond.to(device)
-        prefix, attention = self._prefix(rows, *self._cond_masks(cond, device))
-        n, p = prefix.shape[:2]
-        # Preallocated: each step only slices these, no per-step concatenation of masks or positions.
-        attention = torch.cat([attention, attention.new_ones(n, t)], dim=1)
-        positions = self._positions(attention)
-        codes = torch.empty(n, t, dtype=torch.long, device=device)
-        generator = torch.Generator(device=device).manual_seed(seed)
-        transformer = self.backbone.transformer
-        hidden, cache = transformer(prefix, attention[:, :p], positions[:, :p], use_cache=use_cache)
-        for step in range(t):
-            logits = self.backbone.image_logits(hidden[:, -1])[:, :k]
-            codes[:, step] = _gumbel_sample(logits, sampling, generator)
-            if step == t - 1:
-                break
-            end = p + step + 1
-            if use_cache:
-                new = self.backbone.embed_codes(codes[:, step:step + 1]).to(prefix.dtype)
-                hidden, cache = transformer(new, attention[:, :end], positions[:, end - 1:end],
-                                            past_key_values=cache, use_cache=True)
-            else:
-                seq = torch.cat([prefix, self.backbone.embed_codes(codes[:, :step + 1]).to(prefix.dtype)], dim=1)
-                hidden, _ = transformer(seq, attention[:, :end], positions[:, :end])
+        codes = sample_codes(self, batch, rows, cond, s, sampling, seed, use_cache)
         return GenerationOutput(codes=codes, conditioning=cond, window_index=window_index)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

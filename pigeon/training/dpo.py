@@ -179,6 +179,7 @@ def train_dpo(
         ref_train = (extra["ref_train_chosen"], extra["ref_train_rejected"])
         ref_val = (extra["ref_val_chosen"], extra["ref_val_rejected"])
     start_step = progress["step"]
+    resumed_from_step = None if resumed is None else start_step
 
     start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, desc="dpo", unit="step")
@@ -220,6 +221,7 @@ def train_dpo(
         "val_pairs": len(val_pairs),
         "steps": total_steps,
         "train_seconds_this_run": round(seconds, 2),
+        "resumed_from_step": resumed_from_step,
         "first_loss": rows[0]["loss"],
         "final_loss": rows[-1]["loss"],
         "initial_logp_gap": rows[0].get("initial_logp_gap"),

@@ -104,6 +104,7 @@ def train_stage1(
         best_weights: dict[str, torch.Tensor] = {}
     else:
         progress, best_weights = resumed
+    resumed_from_step = None if resumed is None else progress["step"]
 
     model.train()
     start = time.perf_counter()
@@ -117,7 +118,7 @@ def train_stage1(
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
-        row = {"step": step + 1, "train_loss": float(loss), "lr": scheduler.get_last_lr()[0],
+        row = {"step": step + 1, "train_loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                "grad_norm": float(grad_norm), **{k: float(v) for k, v in logs.items() if k != "loss"}}
         progress["step"] = step + 1
         if (step + 1) % cfg.eval_every == 0 or step + 1 == total_steps:
@@ -151,5 +152,6 @@ def train_stage1(
         "final_val_loss": val_rows[-1]["val_loss"],
         "final_train_loss": rows[-1]["train_loss"],
         "train_seconds_this_run": round(time.perf_counter() - start, 2),
+        "resumed_from_step": resumed_from_step,
     }
     return Stage1Result(best_weights, metrics, rows)

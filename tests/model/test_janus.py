@@ -23,8 +23,14 @@ K, SIDE, D = 64, 4, 32  # codebook, latent grid side (T = 16 codes), LM width
 def write_tiny_janus(folder: Path) -> Path:
     """A random Janus checkpoint obeying STACK.md's tiny-config rules, with a word-level tokenizer."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
-    from transformers import (JanusConfig, JanusForConditionalGeneration, JanusVisionConfig, JanusVQVAEConfig,
-                              LlamaConfig, PreTrainedTokenizerFast)
+    from transformers import (
+        JanusConfig,
+        JanusForConditionalGeneration,
+        JanusVisionConfig,
+        JanusVQVAEConfig,
+        LlamaConfig,
+        PreTrainedTokenizerFast,
+    )
 
     vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pigeon.config import LoraConfig, ModelConfig, SamplingConfig, load_params
+from pigeon.config import ModelConfig, SamplingConfig, load_params
 from pigeon.models.pigeon import Conditioning, PigeonModel, WindowBatch
 from pigeon.models.tiny import TinyBackbone
 
@@ -180,7 +180,7 @@ def test_no_adapter_uses_plain_emb_token():
     assert model.adapter is None
     batch = make_batch(model)
     cond = model.condition(batch, alpha_ref=0.5)
-    prefix, _ = model._prefix(batch, cond.history_keep.float(), cond.reference_keep.float())
+    prefix, _ = model.prefix(batch, cond.history_keep.float(), cond.reference_keep.float())
     emb_slot = prefix[:, -2]
     assert torch.equal(emb_slot, model.backbone.special_embedding("emb").expand_as(emb_slot))
     assert torch.isfinite(model.loss(batch)[0])
