@@ -37,11 +37,15 @@ setup: $(BIN)/.installed
 	@test -d .dvc || { git rev-parse --git-dir >/dev/null 2>&1 || git init -q; dvc init -q; }
 	@dvc config core.check_update false >/dev/null 2>&1 || true
 
-# data/raw: `dvc pull` from the configured remote when it works, else rebuild from the pinned sources
-# and check the result against the md5 committed in data.dvc.
+# data/raw: kept when it already matches data.dvc; else `dvc pull` from the default remote; else rebuilt
+# from the pinned sources, checked against the md5 committed in data.dvc, and pushed to the remote.
 data: setup
-	@dvc pull -q data.dvc 2>/dev/null || { echo "dvc pull unavailable: rebuilding data/raw from sources"; \
-	  pigeon data fetch && dvc commit -f -q data.dvc 2>/dev/null; dvc status data.dvc; }
+	@if [ "$$(dvc status --json data.dvc 2>/dev/null)" = "{}" ]; then echo "data/raw: up to date"; \
+	elif dvc pull -q data.dvc 2>/dev/null; then echo "data/raw: pulled from the DVC remote"; \
+	else echo "data/raw: no remote copy; rebuilding from the pinned sources (about 1-4 minutes)"; \
+	  pigeon data fetch >/dev/null && [ "$$(dvc status --json data.dvc)" = "{}" ] \
+	  || { echo "data/raw does not match the md5 in data.dvc" >&2; exit 1; }; \
+	  dvc commit -f -q data.dvc && dvc push -q data.dvc || true; fi
 
 run: data
 	@if [ "$(PROFILE)" = default ]; then dvc repro; else dvc exp run -S profile=$(PROFILE); fi

@@ -180,10 +180,16 @@ def make_task_runner(orch: OrchestrationConfig):
     """Threads by default (as many as GPU slots: more would only queue on the limit); a local Dask
     cluster of ``dask_workers`` processes when asked for."""
     if orch.task_runner == "dask":
+        from prefect import get_client
         from prefect_dask import DaskTaskRunner
 
+        from pigeon.runtime import OFFLINE_ENV
+
+        # Workers must report to this flow's API: without it each would start a temporary server.
+        with get_client(sync_client=True) as client:
+            env = {**OFFLINE_ENV, "PREFECT_API_URL": str(client.api_url)}
         return DaskTaskRunner(cluster_kwargs={"n_workers": orch.dask_workers, "threads_per_worker": 1,
-                                              "dashboard_address": None})
+                                              "dashboard_address": None, "env": env})
     return ThreadPoolTaskRunner(max_workers=orch.gpu_concurrency)
 
 

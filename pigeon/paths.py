@@ -60,6 +60,11 @@ class Workspace:
         return self.root / ".pigeon" / "checkpoints"
 
     @property
+    def timings(self) -> Path:
+        """One JSON line per stage run: wall time and peak memory."""
+        return self.root / ".pigeon" / "timings.jsonl"
+
+    @property
     def lock(self) -> Path:
         return self.root / ".pigeon" / "workspace.lock"
 

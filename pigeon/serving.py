@@ -173,7 +173,7 @@ def decode_image(value: Any, name: str, image_size: int, limits: RequestLimits =
         img = Image.open(io.BytesIO(raw), formats=ACCEPTED_FORMATS)  # reads the header only
     except Image.DecompressionBombError:
         raise InvalidRequest(f"field {name!r} has too many pixels (decompression bomb)") from None
-    except Exception:  # PIL raises many types for foreign or corrupt data
+    except Exception:  # noqa: BLE001 - PIL raises many types for foreign or corrupt data
         raise InvalidRequest(f"field {name!r} is not a PNG or JPEG image") from None
     with img:
         width, height = img.size
@@ -186,7 +186,7 @@ def decode_image(value: Any, name: str, image_size: int, limits: RequestLimits =
             return _to_square_rgb(img, image_size)
         except InvalidRequest:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - decoding errors of any PIL plugin
             raise InvalidRequest(f"field {name!r}: cannot decode image ({type(exc).__name__})") from None
 
 

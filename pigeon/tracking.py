@@ -24,10 +24,11 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pigeon.config import Params, section_dict
 from pigeon.errors import PigeonError
@@ -60,7 +61,7 @@ STAGE_OUTPUTS = {
     "candidates": ("artifacts/candidates",),
     "rank": ("artifacts/pairs",),
     "dpo": ("models/dpo",),
-    "evaluate": ("reports", "reports/plots", "reports/samples"),
+    "evaluate": ("reports", "reports/plots", "reports/samples/test"),
     "register": ("reports/registry.json",),
 }
 METRIC_FILES = ("metrics.json", "summary.json")
@@ -71,7 +72,7 @@ MAX_METRICS = 2000
 PARENT_METRIC_STAGES = ("evaluate", "register")  # their headline numbers also go on the pipeline run
 
 _WRITE_LOCK = threading.RLock()  # sqlite takes one writer: serialise the threads of one process
-_CURRENT_RUN: contextvars.ContextVar["StageRun | None"] = contextvars.ContextVar("pigeon_stage_run",
+_CURRENT_RUN: contextvars.ContextVar[StageRun | None] = contextvars.ContextVar("pigeon_stage_run",
                                                                                  default=None)
 
 
@@ -144,7 +145,7 @@ def _connect(uri: str, experiment: str, artifact_location: str) -> Tracker:
                 experiment_id = found.experiment_id
     except PigeonError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any store failure becomes one line naming the URI
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise PigeonError(f"MLflow tracking store {uri} cannot be reached ({reason})") from None
     return Tracker(uri, client, experiment_id)
@@ -160,7 +161,7 @@ def git_commit(root: str) -> tuple[str | None, bool]:
         commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
         status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10).stdout
+                                capture_output=True, text=True, timeout=10, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return None, False
     return commit or None, bool(status.strip())
@@ -221,11 +222,6 @@ def flatten_params(obj: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 def _log_batch(client, run_id: str, metrics=(), params=(), tags=()) -> None:
     metrics, params, tags = list(metrics), list(params), list(tags)
     with _WRITE_LOCK:
@@ -260,12 +256,12 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _start_parent(tracker: Tracker, params: Params, ws: Workspace, entrypoint: str) -> str:
+def _start_parent(tracker: Tracker, params: Params, ws: Workspace, entrypoint: str,
+                  execution: str) -> str:
     from mlflow.entities import Param
     from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
     commit, dirty = _code_commit(ws)
-    execution = uuid.uuid4().hex
     tags = {"pigeon.kind": "pipeline", "pigeon.execution": execution, "pigeon.profile": params.profile,
             "pigeon.entrypoint": entrypoint, "pigeon.workspace": str(ws.root), "pigeon.git_dirty": str(dirty)}
     if commit:
@@ -306,12 +302,14 @@ def _parent_for_stage(tracker: Tracker, params: Params, ws: Workspace) -> tuple[
     state = _read_state(ws)
     fresh = time.time() - float(state.get("updated", 0)) < PARENT_REUSE_HOURS * 3600
     if state.get("uri") == tracker.uri and state.get("experiment_id") == tracker.experiment_id and fresh:
-        with contextlib.suppress(MlflowException):
-            if tracker.client.get_run(state["run_id"]).info.status == "RUNNING":
-                return state["run_id"], True
-    run_id = _start_parent(tracker, params, ws, entrypoint="stage")
-    _write_state(ws, {"run_id": run_id, "uri": tracker.uri, "experiment_id": tracker.experiment_id,
-                      "updated": time.time()})
+        with contextlib.suppress(MlflowException, KeyError):
+            run = tracker.client.get_run(state["run_id"])
+            if run.info.status == "RUNNING" and run.data.tags.get("pigeon.execution") == state["execution"]:
+                return run.info.run_id, True
+    execution = uuid.uuid4().hex  # one pipeline execution: the stages of one `dvc repro`
+    run_id = _start_parent(tracker, params, ws, "stage", execution)
+    _write_state(ws, {"execution": execution, "run_id": run_id, "uri": tracker.uri,
+                      "experiment_id": tracker.experiment_id, "updated": time.time()})
     return run_id, True
 
 
@@ -329,7 +327,7 @@ def pipeline_run(params: Params, ws: Workspace, entrypoint: str = "flow") -> Ite
         yield None
         return
     tracker = connect(params, ws)
-    run_id = _start_parent(tracker, params, ws, entrypoint)
+    run_id = _start_parent(tracker, params, ws, entrypoint, uuid.uuid4().hex)
     previous = os.environ.get(PARENT_ENV)
     os.environ[PARENT_ENV] = run_id
     status = "FAILED"
@@ -380,22 +378,21 @@ def track_stage(name: str, params: Params, ws: Workspace) -> Iterator[StageRun]:
             _end_owned_parent(tracker, ws, parent_id, "FINISHED")
         elif owned:
             _write_state(ws, {**_read_state(ws), "updated": time.time()})
-    except Exception as exc:  # the stage's outputs are on disk: do not throw its work away
+    except Exception as exc:  # noqa: BLE001 - the stage's outputs are on disk: do not throw its work away
         print(f"pigeon: warning: MLflow logging of stage {name} failed ({type(exc).__name__}: "
               f"{str(exc).splitlines()[0] if str(exc) else ''})", file=sys.stderr)
 
 
 def _start_stage_run(tracker: Tracker, name: str, parent_id: str, params: Params, ws: Workspace) -> StageRun:
     from mlflow.entities import DatasetInput, InputTag, Param
-    from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID,
-                                          MLFLOW_SOURCE_NAME)
+    from mlflow.utils import mlflow_tags
 
     commit, dirty = _code_commit(ws)
-    tags = {MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_SOURCE_NAME: f"pigeon stage {name}",
+    tags = {mlflow_tags.MLFLOW_PARENT_RUN_ID: parent_id, mlflow_tags.MLFLOW_SOURCE_NAME: f"pigeon stage {name}",
             "pigeon.kind": "stage", "pigeon.stage": name, "pigeon.profile": params.profile,
             "pigeon.git_dirty": str(dirty)}
     if commit:
-        tags[MLFLOW_GIT_COMMIT] = commit
+        tags[mlflow_tags.MLFLOW_GIT_COMMIT] = commit
     sections = section_dict(params, *STAGE_SECTIONS.get(name, ()))
     flat = flatten_params(sections)
     dataset = raw_dataset(ws)
@@ -406,12 +403,8 @@ def _start_stage_run(tracker: Tracker, name: str, parent_id: str, params: Params
         if dataset is not None:
             context = "evaluation" if name in ("evaluate", "register") else "training"
             tracker.client.log_inputs(run_id, datasets=[DatasetInput(
-                dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+                dataset._to_mlflow_entity(), tags=[InputTag(mlflow_tags.MLFLOW_DATASET_CONTEXT, context)])])
     return StageRun(name, run_id, parent_id, tracker)
-
-
-def _output_paths(name: str, ws: Workspace) -> list[Path]:
-    return [ws.root / rel for rel in STAGE_OUTPUTS.get(name, ())]
 
 
 def _log_stage_outputs(run: StageRun, ws: Workspace) -> None:
@@ -420,7 +413,7 @@ def _log_stage_outputs(run: StageRun, ws: Workspace) -> None:
     client, now = run.tracker.client, _now_ms()
     numbers = flatten_numbers(run.result)
     metric_files, curve_files, artifacts = [], [], []
-    for path in _output_paths(run.name, ws):
+    for path in (ws.root / rel for rel in STAGE_OUTPUTS.get(run.name, ())):
         if path.is_file():
             metric_files.append(path)
             artifacts.append(path)
@@ -453,7 +446,7 @@ def _curve_metrics(path: Path) -> list:
 
     try:
         table = pd.read_csv(path)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a malformed curves file only loses its curves
         return []
     prefix = path.stem.replace("curves", "").strip("_-")
     prefix = f"{prefix}/" if prefix else ""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pigeon.errors import CheckpointError, PigeonError
 from pigeon.models.backbone import Backbone
 
-USER_PREFIX = "<|User|>: "
+USER_PREFIX = "<|User|>:"
 ASSISTANT_SUFFIX = "\n\n<|Assistant|>:"
 
 
@@ -97,7 +97,8 @@ class JanusBackbone(Backbone):
         if budget < 1:
             raise PigeonError(f"backbone.lm.max_caption_tokens: {max_tokens} is too short for the Janus "
                               f"prompt (needs at least {max_tokens - budget + 1})")
-        bodies = tok(list(captions), add_special_tokens=False)["input_ids"] if captions else []
+        # " " + caption: a byte-level BPE then splits it exactly as inside the whole prompt
+        bodies = tok([" " + str(c) for c in captions], add_special_tokens=False)["input_ids"] if captions else []
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         ids = torch.full((len(bodies), max_tokens), int(pad), dtype=torch.long)
         mask = torch.zeros((len(bodies), max_tokens), dtype=torch.long)

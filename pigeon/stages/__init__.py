@@ -40,5 +40,24 @@ def run_stage(name: str, params: Params, ws: Workspace) -> dict[str, Any]:
             start = time.perf_counter()
             result = module.run(params, ws) or {}
             result.setdefault("seconds", round(time.perf_counter() - start, 2))
+            result.setdefault("peak_rss_mb", peak_rss_mb())
             tracked.log_result(result)
+        record_timing(ws, name, result)
     return result
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (per stage under `dvc repro`: one process each)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def record_timing(ws: Workspace, name: str, result: dict[str, Any]) -> None:
+    """Append the stage's wall time and peak memory to .pigeon/timings.jsonl (read by the benchmarks)."""
+    import json
+
+    ws.timings.parent.mkdir(parents=True, exist_ok=True)
+    with open(ws.timings, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"stage": name, "time": time.time(), "seconds": result.get("seconds"),
+                             "peak_rss_mb": result.get("peak_rss_mb")}) + "\n")

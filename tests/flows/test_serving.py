@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -36,7 +37,7 @@ def served(smoke):
     window = read_windows(ws, "test").iloc[0]
     items = read_items(ws.raw).set_index("item_id")
     size = smoke.params.backbone.image_size
-    files = {"history": [image_path(ws.raw, size, items.at[int(window[c]), "file"]) for c in history_columns()],
+    files = {"history": [image_path(ws.raw, size, items.at[int(window[c]), "file"]) for c in history_columns(smoke.params.model.history_len)],
              "reference": image_path(ws.raw, size, items.at[int(window["reference_item"]), "file"])}
     caption = str(items.at[int(window["reference_item"]), "name"])
     request = {"history": [b64_file(p) for p in files["history"]], "reference": b64_file(files["reference"]),
@@ -144,9 +145,15 @@ def test_mlflow_models_serve_answers_images_and_rejects_bad_requests_with_4xx(se
             assert 400 <= status < 500 and message in body.get("message", ""), (name, status, body)
         assert proc.poll() is None  # still serving after the bad requests
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=wait)
+            return
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+            continue

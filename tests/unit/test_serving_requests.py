@@ -18,6 +18,7 @@ from PIL import Image
 from pigeon.serving import InvalidRequest, RequestLimits, parse_request, request_rows
 
 H, S = 5, 32
+LIMITS = RequestLimits()
 
 
 def png(width=S, height=S, mode="RGB", color=(200, 30, 30), fmt="PNG") -> bytes:
@@ -37,7 +38,7 @@ def request(**changes) -> dict:
     return {k: v for k, v in out.items() if v is not ...}
 
 
-def parse(payload, limits=RequestLimits()):
+def parse(payload, limits=LIMITS):
     return parse_request(payload, history_len=H, image_size=S, limits=limits)
 
 
