@@ -56,7 +56,7 @@ class EvaluatorNet(nn.Module):
 
 def to_model_input(images_uint8: np.ndarray | torch.Tensor, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """[N, H, W, 3] uint8 → [N, 3, size, size] float in [-1, 1] (area-resized if needed)."""
-    x = torch.as_tensor(np.asarray(images_uint8)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = torch.from_numpy(np.array(images_uint8, dtype=np.uint8)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x
@@ -167,10 +167,10 @@ def train_evaluator(images: np.ndarray, items: pd.DataFrame, cfg: EvaluatorsConf
 
     usable = np.flatnonzero(split.style_train | split.content_train)
     all_x = to_model_input(images, images.shape[1], device)
-    style_y = torch.as_tensor(evaluator.style_index(items["style"]), device=device)
-    content_y = torch.as_tensor(evaluator.content_index(items["emoji_key"]), device=device)
-    style_ok = torch.as_tensor(split.style_train, device=device)
-    content_ok = torch.as_tensor(split.content_train, device=device)
+    style_y = torch.tensor(evaluator.style_index(items["style"]), device=device)
+    content_y = torch.tensor(evaluator.content_index(items["emoji_key"]), device=device)
+    style_ok = torch.tensor(split.style_train, device=device)
+    content_ok = torch.tensor(split.content_train, device=device)
 
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     warmup = max(1, cfg.steps // 20)
@@ -190,16 +190,18 @@ def train_evaluator(images: np.ndarray, items: pd.DataFrame, cfg: EvaluatorsConf
         with autocast if autocast is not None else nullcontext():
             _, style_logits, content_logits = net(x)
         s_mask, c_mask = style_ok[index], content_ok[index]
-        loss_style = F.cross_entropy(style_logits.float()[s_mask], style_y[index][s_mask]) if s_mask.any() else 0.0
-        loss_content = F.cross_entropy(content_logits.float()[c_mask], content_y[index][c_mask]) if c_mask.any() else 0.0
+        zero = style_logits.sum() * 0.0  # a batch may hold no label of one kind
+        loss_style = F.cross_entropy(style_logits.float()[s_mask], style_y[index][s_mask]) if s_mask.any() else zero
+        loss_content = (F.cross_entropy(content_logits.float()[c_mask], content_y[index][c_mask])
+                        if c_mask.any() else zero)
         loss = loss_style + loss_content
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         if step % max(1, cfg.steps // 20) == 0 or step == cfg.steps - 1:
-            curve.append({"step": step, "loss": float(loss), "loss_style": float(loss_style),
-                          "loss_content": float(loss_content)})
+            curve.append({"step": step, "loss": loss.item(), "loss_style": loss_style.item(),
+                          "loss_content": loss_content.item()})
 
     holdout_emoji_rows = ~split.style_train
     holdout_style_rows = ~split.content_train

@@ -92,7 +92,8 @@ class RewardSelector:
         """Item id of the history image closest to the reference, per window."""
         history = windows[history_columns(history_len)].to_numpy(np.int64)
         reference = windows[reference_col].to_numpy(np.int64)
-        sims = torch.einsum("whd,wd->wh", self.item_features[history], self.item_features[reference])
+        sims = torch.einsum("whd,wd->wh", self.item_features[torch.tensor(history)],
+                            self.item_features[torch.tensor(reference)])
         return history[np.arange(len(history)), sims.argmax(dim=1).numpy()]
 
     def rewards(self, candidates: np.ndarray, windows: pd.DataFrame, reference_col: str,
@@ -100,8 +101,8 @@ class RewardSelector:
         """candidates uint8 [W, S, px, px, 3] → reward [W, S] (and its parts) with the selection weights."""
         w, s = candidates.shape[:2]
         feats = self.encoder.features(candidates.reshape(w * s, *candidates.shape[2:])).reshape(w, s, -1)
-        history = torch.as_tensor(windows[history_columns(history_len)].to_numpy(np.int64))
-        reference = torch.as_tensor(windows[reference_col].to_numpy(np.int64))
+        history = torch.tensor(windows[history_columns(history_len)].to_numpy(np.int64))
+        reference = torch.tensor(windows[reference_col].to_numpy(np.int64))
         return candidate_rewards(feats, self.item_features[history], self.item_features[reference],
                                  **SELECT_WEIGHTS)
 

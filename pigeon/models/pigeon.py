@@ -244,7 +244,7 @@ class PigeonModel(nn.Module):
 
     # --- generation ---------------------------------------------------------------------------
     def _sample_rows(self, b: int, alpha_ref, num_samples: int, device):
-        """→ (samples per window S, α_r per row [B*S] or None when given per window)."""
+        """→ (samples per window S, α_r per row [B*S]); a list gives one sample per value."""
         if isinstance(alpha_ref, (list, tuple)):
             if num_samples not in (1, len(alpha_ref)):
                 raise PigeonError(f"num_samples={num_samples} but alpha_ref lists {len(alpha_ref)} values")
@@ -258,7 +258,8 @@ class PigeonModel(nn.Module):
     def generate(self, batch: WindowBatch, alpha_ref, num_samples: int = 1,
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0,  # noqa: B008 (frozen)
                  cond: Conditioning | None = None, use_cache: bool = True) -> GenerationOutput:
-        """Sample T visual codes per window × sample (never end-of-image), in eval mode."""
+        """Sample T visual codes per window × sample (never end-of-image), in eval mode. With ``cond``
+        (B or B*S rows) its recorded masks and α_r are used; ``alpha_ref`` then only sets S."""
         was_training = self.training
         self.eval()
         try:

@@ -15,7 +15,6 @@ import pandas as pd
 import torch
 
 from pigeon.config import Params
-from pigeon.data.users import read_windows
 from pigeon.errors import DataError
 from pigeon.io import atomic_dir, load_tensors, tree_hash, write_json
 from pigeon.models.loading import load_pigeon
@@ -23,6 +22,7 @@ from pigeon.models.pigeon import Conditioning
 from pigeon.paths import Workspace
 from pigeon.runtime import resolve_device
 from pigeon.stages.stage1 import inputs_fingerprint, window_encoder
+from pigeon.training.candidates import lookup_windows
 from pigeon.training.checkpoint import clear_checkpoint, plot_curves, write_curves
 from pigeon.training.dpo import PairSet, train_dpo
 
@@ -37,12 +37,7 @@ def load_pairs(params: Params, ws: Workspace) -> dict[str, PairSet]:
     if len(tensors["chosen_codes"]) != len(table):
         raise DataError(f"{ws.pairs / 'pairs.safetensors'}: {len(tensors['chosen_codes'])} pairs, "
                         f"pairs.parquet has {len(table)}")
-    known = pd.concat([read_windows(ws, s, params.model.history_len) for s in ("train", "val")])
-    known = known.set_index("window_id")
-    unknown = set(table["window_id"]) - set(known.index)
-    if unknown:
-        raise DataError(f"{path}: window {sorted(unknown)[0]!r} is in no windows file (stale pairs?)")
-    windows = known.loc[table["window_id"]].reset_index()
+    windows = lookup_windows(ws, table["window_id"].tolist(), params.model.history_len, path)
     cond = Conditioning(tensors["history_keep"], tensors["reference_keep"], tensors["alpha_ref"])
     out = {}
     for split in ("train", "val"):

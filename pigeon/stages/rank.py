@@ -24,13 +24,13 @@ from PIL import Image
 
 from pigeon.config import Params
 from pigeon.data.raw import load_images, png_bytes, read_items
-from pigeon.data.users import history_columns, read_windows
+from pigeon.data.users import history_columns
 from pigeon.errors import DataError
 from pigeon.io import atomic_dir, atomic_write_bytes, read_json, save_tensors, write_json
 from pigeon.models.loading import load_backbone
 from pigeon.paths import Workspace
 from pigeon.runtime import resolve_device
-from pigeon.training.candidates import read_shard, shard_files, strip_images
+from pigeon.training.candidates import lookup_windows, read_shard, shard_files, strip_images
 from pigeon.training.reward import RewardEncoder, candidate_rewards, choose_pairs, ranking_agreement
 
 GRID_PAIRS = 8
@@ -56,12 +56,8 @@ def _load_candidates(params: Params, ws: Workspace) -> tuple[dict, pd.DataFrame,
                 raise DataError(f"{path}: strip is {strip.shape}, expected {(size, size * per_window, 3)}")
             images.append(strip_images(strip, per_window))
     table = pd.concat(frames, ignore_index=True)
-    known = pd.concat([read_windows(ws, s, params.model.history_len) for s in ("train", "val")])
-    known = known.set_index("window_id")
-    unknown = set(table["window_id"]) - set(known.index)
-    if unknown:
-        raise DataError(f"{ws.candidates}: window {sorted(unknown)[0]!r} is in no windows file (stale candidates?)")
-    table = table.join(known.drop(columns=["split"]), on="window_id")
+    windows = lookup_windows(ws, table["window_id"].tolist(), params.model.history_len, ws.candidates)
+    table = pd.concat([table, windows.drop(columns=["window_id", "split"])], axis=1)
     merged = {k: torch.cat([t[k] for t in tensors]) for k in tensors[0]}
     return index, table, merged, np.stack(images)
 

@@ -28,7 +28,7 @@ import torch
 
 from pigeon.config import CandidatesConfig
 from pigeon.data.raw import png_bytes
-from pigeon.errors import DataError
+from pigeon.errors import DataError, PigeonError
 from pigeon.io import atomic_dir, file_md5, read_json, save_tensors, write_json
 from pigeon.runtime import autocast
 
@@ -71,6 +71,17 @@ def plan_candidates(train: pd.DataFrame, val: pd.DataFrame, cfg: CandidatesConfi
     if windows["window_id"].duplicated().any():
         raise DataError(f"windows: window_id {windows['window_id'][windows['window_id'].duplicated()].iloc[0]!r} repeats")
     return CandidatePlan(windows, cfg.shard_size)
+
+
+def lookup_windows(ws, window_ids: list[str], history_len: int, source: Path) -> pd.DataFrame:
+    """The train/val window rows of ``window_ids``, in that order; an unknown id is a DataError naming ``source``."""
+    from pigeon.data.users import read_windows
+
+    known = pd.concat([read_windows(ws, s, history_len) for s in ("train", "val")]).set_index("window_id")
+    unknown = set(window_ids) - set(known.index)
+    if unknown:
+        raise DataError(f"{source}: window {min(unknown)!r} is in no windows file (stale? re-run the stage)")
+    return known.loc[list(window_ids)].reset_index()
 
 
 def chunk_seed(seed: int, shard: int, chunk: int) -> int:
@@ -144,7 +155,7 @@ def shard_complete(folder: Path, index: int, windows: pd.DataFrame, run_fingerpr
     tensors_path, json_path, images_dir = shard_files(folder, index)
     try:
         meta = read_json(json_path)
-    except Exception:  # missing or torn: regenerate
+    except PigeonError:  # missing or torn: regenerate
         return False
     return (meta.get("fingerprint") == run_fingerprint
             and meta.get("window_ids") == windows["window_id"].tolist()

@@ -213,6 +213,8 @@ def train_dpo(
 
     after = evaluate_pairs(score_pairs(model, encoder, val_pairs, eval_batch, device), ref_val, cfg,
                            num_tokens) if len(val_pairs) else {}
+    train_after = evaluate_pairs(score_pairs(model, encoder, train_pairs, eval_batch, device), ref_train, cfg,
+                                 num_tokens)
     rows = progress["rows"]
     metrics = {
         "loss_type": cfg.loss_type,
@@ -229,5 +231,7 @@ def train_dpo(
         "val_pair_accuracy_dpo": after.get("pair_accuracy"),
         "val_before": progress["before"],
         "val_after": after,
+        "train_pair_accuracy_stage1": float((ref_train[0] > ref_train[1]).float().mean()),
+        "train_after": train_after,
     }
     return DPOResult(metrics, rows)

@@ -108,10 +108,16 @@ def test_nearest_history_keeps_style_but_not_content(scored):
 
 def test_local_clip_and_dino_encoders_score_similarities(tmp_path, smoke):
     """A tiny CLIP and DINOv2 saved locally load offline and add their similarity columns."""
-    from transformers import (BitImageProcessor, CLIPConfig, CLIPImageProcessor, CLIPModel, Dinov2Config,
-                              Dinov2Model)
+    from transformers import (
+        BitImageProcessor,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        Dinov2Config,
+        Dinov2Model,
+    )
 
-    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
     CLIPModel(CLIPConfig(text_config={**small, "vocab_size": 64, "bos_token_id": 0, "eos_token_id": 1},
                          vision_config={**small, "image_size": 32, "patch_size": 8}, projection_dim=8)
               ).save_pretrained(tmp_path / "clip")

@@ -147,12 +147,47 @@ def test_dpo_logs_trl_metrics_and_starts_from_the_reference(smoke):
     assert (ws.dpo / "adapter_model.safetensors").is_file() and (ws.dpo / "curves.png").is_file()
 
 
-def test_dpo_raises_held_out_pair_accuracy(smoke):
+def test_dpo_fits_its_training_pairs(smoke):
+    """On smoke the candidates are noise (a 30-step foundation cannot draw yet, see its samples.png),
+    so held-out generalisation is checked on the default profile below; here the loop must still
+    raise the implicit reward of chosen over rejected on the pairs it trains on."""
     ws = smoke.run_until("dpo")
     metrics = read_json(ws.dpo / "metrics.json")
-    assert metrics["val_pairs"] >= 8
+    assert metrics["train_after"]["loss"] < math.log(2) - 0.005
+    assert metrics["train_after"]["rewards/margins"] > 0
+    assert metrics["train_after"]["rewards/accuracies"] > 0.5
+    assert 0.0 <= metrics["val_pair_accuracy_dpo"] <= 1.0 and metrics["val_before"]["loss"] == pytest.approx(math.log(2))
+
+
+def _default_workspace(tmp_path: Path):
+    from pigeon.paths import Workspace
+
+    ws = Workspace.at(tmp_path / "ws")
+    ws.raw.parent.mkdir(parents=True)
+    ws.raw.symlink_to(REPO / "data" / "raw")
+    return ws
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (default profile, ~4 min on one GPU)")
+@pytest.mark.skipif(not (REPO / "data" / "raw" / "items.parquet").is_file(), reason="needs data/raw (make data)")
+def test_dpo_raises_held_out_pair_accuracy_on_the_default_profile(tmp_path):
+    """The default profile end to end on the real dataset: DPO's policy prefers the chosen candidate of
+    held-out (validation) pairs more often than chance and than the stage-1 model."""
+    from pigeon.config import load_params
+    from pigeon.runtime import seed_everything
+    from pigeon.stages import run_stage
+
+    params = load_params(REPO / "params.yaml", "default", ["device=cuda", "tracking.enabled=false"])
+    ws = _default_workspace(tmp_path)
+    for name in ("simulate", "foundation", "stage1", "candidates", "rank", "dpo"):
+        seed_everything(params.seed)
+        run_stage(name, params, ws)
+    metrics = read_json(ws.dpo / "metrics.json")
+    assert metrics["val_pairs"] >= 40
     assert metrics["val_pair_accuracy_dpo"] > 0.5
     assert metrics["val_pair_accuracy_dpo"] >= metrics["val_pair_accuracy_stage1"]
+    assert metrics["val_after"]["rewards/accuracies"] > 0.5
 
 
 def _stage1_cli(ws_root: Path, params_file: Path) -> subprocess.Popen:
@@ -167,6 +202,7 @@ def test_stage1_killed_mid_run_resumes_to_the_same_weights(smoke, tmp_path):
     smoke.run_until("foundation")
     params = smoke.params.model_copy(update={
         "profile": "default", "threads": 1, "device": "cpu",
+        "stage1": smoke.params.stage1.model_copy(update={"max_steps": 20, "eval_every": 5, "checkpoint_every": 5}),
         "tracking": smoke.params.tracking.model_copy(update={"enabled": False})})
     params_file = tmp_path / "params.yaml"
     params_file.write_text(dump_params(params))

@@ -45,7 +45,7 @@ def test_ssim_of_two_constant_images_is_the_luminance_term():
     x, y = torch.full((1, 3, 16, 16), a), torch.full((1, 3, 16, 16), b)
     c1 = 0.01**2
     expected = (2 * a * b + c1) / (a * a + b * b + c1)
-    assert float(ssim(x, y)[0]) == pytest.approx(expected, rel=1e-6)
+    assert float(ssim(x, y)[0]) == pytest.approx(expected, rel=1e-4)  # float32 moments
 
 
 def test_ssim_matches_a_direct_windowed_computation():
@@ -61,7 +61,7 @@ def test_ssim_matches_a_direct_windowed_computation():
             vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
             cxy = (w * (px - mx) * (py - my)).sum()
             values.append(((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
-    assert float(ssim(x.float(), y.float())[0]) == pytest.approx(float(torch.stack(values).mean()), abs=1e-5)
+    assert float(ssim(x.float(), y.float())[0]) == pytest.approx(float(torch.stack(values).mean()), abs=1e-4)
 
 
 def test_ssim_drops_with_noise_and_for_inverted_images():
