@@ -69,7 +69,8 @@ ARTIFACT_SUFFIXES = (".png", ".csv", ".md")
 MAX_ARTIFACT_BYTES = 10 << 20
 MAX_ARTIFACTS = 100
 MAX_METRICS = 2000
-PARENT_METRIC_STAGES = ("evaluate", "register")  # their headline numbers also go on the pipeline run
+# Numbers of these stages' files also go on the pipeline run (prefixed), so runs compare in one table.
+PARENT_METRIC_PREFIX = {"evaluate": "", "register": "registry."}
 
 _WRITE_LOCK = threading.RLock()  # sqlite takes one writer: serialise the threads of one process
 _CURRENT_RUN: contextvars.ContextVar[StageRun | None] = contextvars.ContextVar("pigeon_stage_run",
@@ -272,6 +273,7 @@ def _start_parent(tracker: Tracker, params: Params, ws: Workspace, entrypoint: s
             run_name=f"pipeline {params.profile} {time.strftime('%Y-%m-%d %H:%M:%S')}")
     flat = flatten_params(params.model_dump(mode="json"))
     _log_batch(tracker.client, run.info.run_id, params=[Param(k, v) for k, v in sorted(flat.items())])
+    _log_raw_dataset(tracker, run.info.run_id, ws, "training")
     return run.info.run_id
 
 
@@ -384,7 +386,7 @@ def track_stage(name: str, params: Params, ws: Workspace) -> Iterator[StageRun]:
 
 
 def _start_stage_run(tracker: Tracker, name: str, parent_id: str, params: Params, ws: Workspace) -> StageRun:
-    from mlflow.entities import DatasetInput, InputTag, Param
+    from mlflow.entities import Param
     from mlflow.utils import mlflow_tags
 
     commit, dirty = _code_commit(ws)
@@ -393,18 +395,24 @@ def _start_stage_run(tracker: Tracker, name: str, parent_id: str, params: Params
             "pigeon.git_dirty": str(dirty)}
     if commit:
         tags[mlflow_tags.MLFLOW_GIT_COMMIT] = commit
-    sections = section_dict(params, *STAGE_SECTIONS.get(name, ()))
-    flat = flatten_params(sections)
-    dataset = raw_dataset(ws)
+    flat = flatten_params(section_dict(params, *STAGE_SECTIONS.get(name, ())))
     with _WRITE_LOCK:
         created = tracker.client.create_run(tracker.experiment_id, tags=tags, run_name=name)
         run_id = created.info.run_id
         _log_batch(tracker.client, run_id, params=[Param(k, v) for k, v in sorted(flat.items())])
-        if dataset is not None:
-            context = "evaluation" if name in ("evaluate", "register") else "training"
-            tracker.client.log_inputs(run_id, datasets=[DatasetInput(
-                dataset._to_mlflow_entity(), tags=[InputTag(mlflow_tags.MLFLOW_DATASET_CONTEXT, context)])])
+    _log_raw_dataset(tracker, run_id, ws, "evaluation" if name in ("evaluate", "register") else "training")
     return StageRun(name, run_id, parent_id, tracker)
+
+
+def _log_raw_dataset(tracker: Tracker, run_id: str, ws: Workspace, context: str) -> None:
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    dataset = raw_dataset(ws)
+    if dataset is not None:
+        with _WRITE_LOCK:
+            tracker.client.log_inputs(run_id, datasets=[DatasetInput(
+                dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 
 def _log_stage_outputs(run: StageRun, ws: Workspace) -> None:
@@ -422,15 +430,19 @@ def _log_stage_outputs(run: StageRun, ws: Workspace) -> None:
             metric_files += [p for p in files if p.name in METRIC_FILES]
             curve_files += [p for p in files if p.suffix == ".csv" and "curves" in p.stem]
             artifacts += [p for p in files if p.suffix in ARTIFACT_SUFFIXES or p.name in METRIC_FILES]
+    file_numbers: dict[str, float] = {}
     for path in metric_files:
         with contextlib.suppress(OSError, ValueError):
-            flatten_numbers(json.loads(path.read_text()), "", numbers)
+            flatten_numbers(json.loads(path.read_text()), "", file_numbers)
+    numbers.update(file_numbers)
     metrics = [Metric(key, value, now, 0) for key, value in numbers.items()]
     for path in curve_files:
         metrics += _curve_metrics(path)
     _log_batch(client, run.run_id, metrics=metrics)
-    if run.name in PARENT_METRIC_STAGES:
-        _log_batch(client, run.parent_id, metrics=[Metric(k, v, now, 0) for k, v in numbers.items()])
+    if run.name in PARENT_METRIC_PREFIX:
+        prefix = PARENT_METRIC_PREFIX[run.name]
+        _log_batch(client, run.parent_id, metrics=[Metric(_metric_key(prefix + k), v, now, 0)
+                                                   for k, v in file_numbers.items()])
     with _WRITE_LOCK:
         client.log_dict(run.run_id, run.result, "result.json")
         for path in artifacts[:MAX_ARTIFACTS]:

@@ -54,12 +54,12 @@ def build_unet(cfg: DiffusionConfig, image_size: int) -> UNet2DConditionModel:
 
 
 def scheduler_config(cfg: DiffusionConfig) -> dict:
-    return dict(
-        num_train_timesteps=cfg.train_timesteps,
-        beta_schedule="squaredcos_cap_v2",
-        prediction_type="epsilon",
-        clip_sample=True,
-    )
+    return {
+        "num_train_timesteps": cfg.train_timesteps,
+        "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": "epsilon",
+        "clip_sample": True,
+    }
 
 
 class DiffusionDetokenizer(nn.Module):
@@ -86,7 +86,8 @@ class DiffusionDetokenizer(nn.Module):
         return F.mse_loss(pred.float(), noise)
 
     @torch.no_grad()
-    def sample(self, vectors: torch.Tensor, generator: torch.Generator, steps: int | None = None) -> torch.Tensor:
+    def sample(self, vectors: torch.Tensor, generator: torch.Generator,
+               steps: int | None = None) -> torch.Tensor:
         """DDIM sampling conditioned on codebook vectors [B, T, code_dim] → images in [-1, 1]."""
         scheduler = DDIMScheduler(**scheduler_config(self.cfg))
         scheduler.set_timesteps(steps or self.cfg.inference_steps, device=vectors.device)

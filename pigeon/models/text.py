@@ -7,8 +7,8 @@ transformers ``PreTrainedTokenizerFast`` that left-pads and prepends ``[BOS]``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
@@ -63,6 +63,7 @@ def load_caption_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     try:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # the library raises several types for a broken folder
-        raise CheckpointError(f"{folder}: cannot load caption tokenizer ({type(exc).__name__}: {exc})") from exc
+        reason = f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(f"{folder}: cannot load caption tokenizer ({reason})") from exc
     tokenizer.padding_side = "left"
     return tokenizer

@@ -13,8 +13,8 @@ Saved as ``backbone.json`` + library configs (``vq_config.json``, ``lm_config.js
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +102,7 @@ class TinyBackbone(Backbone):
         self.cond_dim = self.diffusion.cond_dim if self.diffusion is not None else cfg.vq.code_dim
 
     @classmethod
-    def create(cls, cfg: BackboneConfig, captions: Iterable[str], seed: int = 0) -> "TinyBackbone":
+    def create(cls, cfg: BackboneConfig, captions: Iterable[str], seed: int = 0) -> TinyBackbone:
         """A freshly initialised backbone; the same (cfg, captions, seed) give the same weights."""
         tokenizer = build_caption_tokenizer(captions)
         with torch.random.fork_rng(devices=[]):
@@ -237,11 +237,12 @@ class TinyBackbone(Backbone):
         save_tensors(path / "weights.safetensors", self.base_state_dict(), metadata={"format": FORMAT})
 
     @classmethod
-    def from_pretrained(cls, path: Path, device: str | torch.device = "cpu") -> "TinyBackbone":
+    def from_pretrained(cls, path: Path, device: str | torch.device = "cpu") -> TinyBackbone:
         path = Path(path)
         meta = read_json(path / "backbone.json")
         if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path / 'backbone.json'}: format {meta.get('format')!r}, expected {FORMAT}")
+            found = meta.get("format")
+            raise CheckpointError(f"{path / 'backbone.json'}: format {found!r}, expected {FORMAT}")
         try:
             cfg = BackboneConfig.model_validate(meta["backbone"])
         except Exception as exc:
@@ -261,7 +262,9 @@ class TinyBackbone(Backbone):
         return model.to(device).eval()
 
     def parameter_counts(self) -> dict[str, int]:
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        def count(module) -> int:
+            return sum(p.numel() for p in module.parameters())
+
         out = {"vq": count(self.vq), "lm": count(self._causal_lm())}
         if self.diffusion is not None:
             out["diffusion"] = count(self.diffusion)

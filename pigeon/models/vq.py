@@ -32,7 +32,8 @@ def build_vq_model(cfg: VQConfig, image_size: int) -> VQModel:
     blocks = len(cfg.block_channels)
     factor = 2 ** (blocks - 1)
     if blocks < 1 or image_size % factor:
-        raise ConfigError(f"backbone.vq.block_channels: {blocks} blocks do not divide image size {image_size}")
+        raise ConfigError(f"backbone.vq.block_channels: {blocks} blocks do not divide image size "
+                          f"{image_size}")
     return VQModel(
         in_channels=3,
         out_channels=3,
@@ -101,7 +102,8 @@ def init_codebook_from_data(vq: VQModel, latents: torch.Tensor, generator: torch
 
 
 @torch.no_grad()
-def reseed_dead_codes(vq: VQModel, usage: torch.Tensor, latents: torch.Tensor, generator: torch.Generator) -> int:
+def reseed_dead_codes(vq: VQModel, usage: torch.Tensor, latents: torch.Tensor,
+                      generator: torch.Generator) -> int:
     """Codes unused since the last call take the place of random current encoder outputs."""
     dead = (usage == 0).nonzero().flatten()
     if dead.numel() == 0:

@@ -44,8 +44,9 @@ DIFFUSION_EVAL_IMAGES = 64  # DDIM sampling is slow: diffusion metrics on a fixe
 def run(params: Params, ws: Workspace) -> dict:
     if params.backbone.kind != "tiny":
         with atomic_dir(ws.foundation) as tmp:
-            atomic_write_text(tmp / "NOTE.md", f"# Foundation\n\nThe `{params.backbone.kind}` backbone is loaded "
-                              f"pretrained from `backbone.janus_path`; there is nothing to pretrain here.\n")
+            note = (f"# Foundation\n\nThe `{params.backbone.kind}` backbone is loaded pretrained from "
+                    "`backbone.janus_path`; there is nothing to pretrain here.\n")
+            atomic_write_text(tmp / "NOTE.md", note)
             write_json(tmp / "metrics.json", {"skipped": True, "backbone": params.backbone.kind})
         return {"skipped": True, "backbone": params.backbone.kind}
     from pigeon.models.tiny import TinyBackbone
@@ -69,6 +70,7 @@ def run(params: Params, ws: Workspace) -> dict:
     backbone.eval()
     originals, recons = reconstruct(backbone, data.holdout_images)
     _, untrained_recons = reconstruct(untrained, data.holdout_images)
+    seen = len(holdout_ids)  # the LM's training loss is measured on as many training items
     metrics = {
         "backbone": {"kind": "tiny", "detokenizer": params.backbone.detokenizer, "image_size": size,
                      "tokens_per_image": backbone.tokens_per_image, "codebook_size": backbone.codebook_size},
@@ -81,13 +83,14 @@ def run(params: Params, ws: Workspace) -> dict:
                       "codebook_usage_train": usage(trainer.codes, backbone.codebook_size),
                       "codebook_usage_holdout": usage(trainer.holdout_codes, backbone.codebook_size)},
         "lm": {"holdout_loss": lm_loss(trainer, data.holdout_captions, trainer.holdout_codes),
-               "train_loss": lm_loss(trainer, data.captions[: len(holdout_ids)], trainer.codes[: len(holdout_ids)]),
+               "train_loss": lm_loss(trainer, data.captions[:seen], trainer.codes[:seen]),
                "uniform_loss": round(math.log(backbone.codebook_size + 1), 4)},
         "final_loss": final_losses(state.curves),
         "resumed_from": list(trainer.resumed_from) if trainer.resumed_from else None,
     }
     shown = np.linspace(0, len(holdout_ids) - 1, min(GRID_IMAGES, len(holdout_ids))).round().astype(int)
-    rows = {"held-out": originals[shown], "trained VQ": recons[shown], "untrained VQ": untrained_recons[shown]}
+    rows = {"held-out": originals[shown], "trained VQ": recons[shown],
+            "untrained VQ": untrained_recons[shown]}
     if backbone.diffusion is not None and trainer_diffusion_steps(trainer):
         subset = data.holdout_images[:DIFFUSION_EVAL_IMAGES]
         diff_originals, diff_recons = reconstruct(backbone, subset, decoder="diffusion")
@@ -97,8 +100,11 @@ def run(params: Params, ws: Workspace) -> dict:
     sample_captions = pick_captions(data, params.seed)
     repeated = [c for c in sample_captions for _ in range(SAMPLES_PER_CAPTION)]
     codes = sample_caption_codes(backbone, repeated, seed=params.seed)
+    # An untrained diffusion decoder draws noise: show such samples through the VQ decoder instead.
+    decode = backbone.vq_decode if backbone.diffusion is not None and not trainer_diffusion_steps(trainer) \
+        else backbone.decode_codes
     with torch.no_grad(), autocast(device):
-        samples = backbone.decode_codes(codes).float().cpu()
+        samples = decode(codes).float().cpu()
     metrics["seconds"] = {**state.seconds, "evaluate": round(time.perf_counter() - start, 3)}
 
     with atomic_dir(ws.foundation) as tmp:
@@ -107,7 +113,8 @@ def run(params: Params, ws: Workspace) -> dict:
         curves = pd.DataFrame(state.curves)
         atomic_write_text(tmp / "curves.csv", curves.to_csv(index=False))
         atomic_write_bytes(tmp / "curves.png", curves_png(curves))
-        atomic_write_bytes(tmp / "reconstructions.png", grid_png(rows, [data.holdout_captions[i] for i in shown]))
+        grid_titles = [data.holdout_captions[i] for i in shown]
+        atomic_write_bytes(tmp / "reconstructions.png", grid_png(rows, grid_titles))
         atomic_write_bytes(tmp / "samples.png", samples_png(samples, sample_captions))
     shutil.rmtree(ws.checkpoint_dir("foundation"), ignore_errors=True)
     tok = metrics["tokenizer"]
@@ -136,7 +143,8 @@ def final_losses(curves: list[dict], last: int = 10) -> dict[str, float]:
     frame = pd.DataFrame(curves)
     if frame.empty:
         return {}
-    return {phase: round(float(group["loss"].tail(last).mean()), 5) for phase, group in frame.groupby("phase")}
+    return {phase: round(float(group["loss"].tail(last).mean()), 5)
+            for phase, group in frame.groupby("phase")}
 
 
 def pick_captions(data: FoundationData, seed: int) -> list[str]:

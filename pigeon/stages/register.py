@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import tempfile
-import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -74,6 +73,21 @@ def example_request(params: Params, ws: Workspace) -> dict:
     return build(images, caption=str(items["name"].iloc[-1]), alpha_ref=params.evaluate.alpha_ref, seed=0)
 
 
+@contextlib.contextmanager
+def _no_download_bars():
+    """log_model reloads the model to check the input example: keep its progress bars out of stage logs."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    previous = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
+
+
 def log_and_register(params: Params, ws: Workspace, tracking_uri: str, run_id: str | None, tags: dict):
     """Log the pyfunc model into the stage run ``run_id``, register a new version; returns the ModelVersion."""
     import mlflow
@@ -83,11 +97,9 @@ def log_and_register(params: Params, ws: Workspace, tracking_uri: str, run_id: s
 
     mlflow.set_tracking_uri(tracking_uri)  # log_model and register_model use the process-wide URIs
     mlflow.set_registry_uri(tracking_uri)
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # log_model's check reloads the model
     name = params.register.model_name
     run = mlflow.start_run(run_id=run_id, nested=True) if run_id else contextlib.nullcontext()
-    with tempfile.TemporaryDirectory(prefix="pigeon-register-") as tmp, run, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+    with tempfile.TemporaryDirectory(prefix="pigeon-register-") as tmp, run, _no_download_bars():
         bundle = build_bundle(params, ws, Path(tmp) / MODEL_ARTIFACT)
         script = Path(tmp) / "pigeon_model.py"
         script.write_text(MODEL_SCRIPT)

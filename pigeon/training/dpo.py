@@ -115,7 +115,7 @@ def pair_logps(model, encoder, pairs: PairSet, rows: np.ndarray, device: torch.d
 @torch.no_grad()
 def score_pairs(model, encoder, pairs: PairSet, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of every pair's chosen and rejected sequence (no gradient), on the CPU."""
-    chosen, rejected = [], []
+    chosen, rejected = [torch.empty(0)], [torch.empty(0)]
     for start in range(0, len(pairs), batch_size):
         c, r = pair_logps(model, encoder, pairs, np.arange(start, min(start + batch_size, len(pairs))), device)
         chosen.append(c.cpu())

@@ -16,6 +16,7 @@ import pytest
 from pigeon.io import tree_hash
 from pigeon.stages import STAGES
 from tests.conftest import REPO, SMOKE_OVERRIDES, SMOKE_STYLES
+from tests.unit.test_lock import HOLDER
 
 # The smoke profile, shrunk further: the flow's behaviour, not the model's quality, is under test.
 SHRINK = ("foundation.vq_steps=12", "foundation.lm_steps=10", "stage1.max_steps=6", "stage1.eval_every=3",
@@ -30,7 +31,7 @@ root, overrides = sys.argv[1], json.loads(sys.argv[2])
 start = time.perf_counter()
 state = retrain(params_path=sys.argv[3], profile="smoke", overrides=overrides, workspace=root, return_state=True)
 seconds = time.perf_counter() - start
-print(json.dumps({"state": state.name, "seconds": seconds,
+print(json.dumps({"state": state.name, "seconds": seconds, "metrics": state.result(),
                   "tasks": task_run_states(state.state_details.flow_run_id)}))
 """
 
@@ -144,7 +145,8 @@ def test_second_run_in_a_fresh_process_is_all_cached_and_does_no_work(first_run,
     report = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"\ncached flow run in a fresh process: {report['seconds']:.1f} s (flow call only)")
     assert report["state"] == "Completed"
-    assert set(report["tasks"].values()) == {"Cached"} and set(STAGES) <= set(report["tasks"])
+    assert set(report["tasks"].values()) == {"Cached"} and set(STAGES) <= set(report["tasks"]), report["tasks"]
+    assert report["metrics"] == metrics
     assert _snapshot(root) == before  # not one output rewritten
 
 
@@ -202,13 +204,10 @@ def test_failed_stage_fails_the_flow_in_one_line_without_retrying(prefect_api, t
 def test_flow_refuses_a_workspace_held_by_another_writer(prefect_api, tmp_path):
     from flows.retrain import retrain
 
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys\nfrom pigeon.lock import workspace_lock\nfrom pigeon.paths import "
-         "Workspace\nwith workspace_lock(Workspace.at(sys.argv[1]), 'stage1'):\n    print('held', flush=True)\n"
-         "    sys.stdin.read()", str(tmp_path)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=prefect_api.env())
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), "stage1"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=prefect_api.env())
     try:
-        assert holder.stdout.readline().strip() == "held"
+        assert json.loads(holder.stdout.readline())["pid"] == holder.pid
         state = retrain(params_path=str(REPO / "params.yaml"), profile="smoke", overrides=_overrides(tmp_path),
                         workspace=str(tmp_path), return_state=True)
     finally:

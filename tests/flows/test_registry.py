@@ -167,7 +167,7 @@ def test_stage_runs_nest_under_one_pipeline_run_with_lineage(ws):
         (dataset,) = run.inputs.dataset_inputs
         assert dataset.dataset.digest == file_md5(ws.raw / "manifest.json")  # no data.dvc in a tmp workspace
     assert simulate.data.params["simulate.num_users"] == "60" and simulate.data.metrics["users"] == 60
-    assert registered.data.metrics["promoted"] == 1.0 and parent.data.metrics["promoted"] == 1.0
+    assert registered.data.metrics["promoted"] == 1.0 and parent.data.metrics["registry.promoted"] == 1.0
     assert {a.path for a in client.list_artifacts(registered.info.run_id)} == {"reports", "result.json"}
     (output,) = registered.outputs.model_outputs
     assert client.get_logged_model(output.model_id).name == NAME

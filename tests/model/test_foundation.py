@@ -24,8 +24,9 @@ from pigeon.training.foundation import (
 )
 from tests.conftest import REPO, SMOKE_OVERRIDES
 
-ARTEFACTS = ("backbone.json", "vq_config.json", "lm_config.json", "weights.safetensors", "tokenizer/tokenizer.json",
-             "metrics.json", "curves.csv", "curves.png", "reconstructions.png", "samples.png")
+ARTEFACTS = ("backbone.json", "vq_config.json", "lm_config.json", "weights.safetensors",
+             "tokenizer/tokenizer.json", "metrics.json", "curves.csv", "curves.png", "reconstructions.png",
+             "samples.png")
 
 
 def metrics_of(ws) -> dict:
@@ -68,7 +69,8 @@ def test_artefacts_load_back_identical(smoke, tmp_path):
     assert not ws.checkpoint_dir("foundation").exists()  # cleared after success
     model = TinyBackbone.from_pretrained(ws.foundation)
     model.save_pretrained(tmp_path / "again")
-    saved, resaved = load_tensors(ws.foundation / "weights.safetensors"), load_tensors(tmp_path / "again" / "weights.safetensors")
+    saved = load_tensors(ws.foundation / "weights.safetensors")
+    resaved = load_tensors(tmp_path / "again" / "weights.safetensors")
     assert saved.keys() == resaved.keys() and all(torch.equal(saved[k], resaved[k]) for k in saved)
     # The saved model is the one that was measured: its held-out reconstruction scores match metrics.json.
     measured = reconstruction_metrics(*reconstruct(model, torch.from_numpy(holdout_images(smoke, ws))))
@@ -145,7 +147,8 @@ def test_a_killed_run_resumes_to_the_same_weights(smoke, tmp_path):
     checkpoint = ws.checkpoint_dir("foundation")
     with open(tmp_path / "log.txt", "wb") as log:
         assert _run_cli_until(args, checkpoint, "vq", 10, log) == -9  # SIGKILLed inside the tokenizer phase
-        assert _run_cli_until(args, checkpoint, "lm", 10, log) == -9  # resumed, then SIGKILLed inside the LM phase
+        # resumed, then SIGKILLed inside the LM phase
+        assert _run_cli_until(args, checkpoint, "lm", 10, log) == -9
     foundation.run(smoke_params(*overrides), ws)  # resumes and finishes
     assert metrics_of(ws)["resumed_from"][0] == "lm"
     resumed = load_tensors(ws.foundation / "weights.safetensors")
