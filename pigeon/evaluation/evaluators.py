@@ -30,7 +30,12 @@ CONFIG_FILE = "config.json"
 
 
 class EvaluatorNet(nn.Module):
-    """Four conv stages (32 → 4 px) → pooled → features [N, feature_dim] → style and content heads."""
+    """Four conv stages (32 → 4 px); the mean and standard deviation of every stage's activations
+    → features [N, feature_dim] → style and content heads.
+
+    Channel statistics of every stage are what style transfer calls style (colour, outline and
+    shading statistics); pooling them from all stages lets a small, briefly trained network see them.
+    """
 
     def __init__(self, num_styles: int, num_contents: int, width: int = 32, feature_dim: int = 128):
         super().__init__()
@@ -38,19 +43,21 @@ class EvaluatorNet(nn.Module):
         def block(c_in: int, c_out: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
 
-        self.trunk = nn.Sequential(
-            block(3, width), nn.MaxPool2d(2),
-            block(width, 2 * width), nn.MaxPool2d(2),
-            block(2 * width, 4 * width), nn.MaxPool2d(2),
-            block(4 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        self.embed = nn.Sequential(nn.Linear(4 * width, feature_dim), nn.ReLU())
+        widths = (width, 2 * width, 4 * width, 4 * width)
+        self.stages = nn.ModuleList([block(3, widths[0])] + [
+            nn.Sequential(nn.MaxPool2d(2), block(c_in, c_out)) for c_in, c_out in zip(widths, widths[1:])])
+        self.embed = nn.Sequential(nn.Linear(2 * sum(widths), feature_dim), nn.ReLU())
         self.style_head = nn.Linear(feature_dim, num_styles)
         self.content_head = nn.Linear(feature_dim, num_contents)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """images [N, 3, S, S] in [-1, 1] → (features, style logits, content logits)."""
-        features = self.embed(self.trunk(images))
+        pooled, x = [], images
+        for stage in self.stages:
+            x = stage(x)
+            flat = x.flatten(2).float()
+            pooled += [flat.mean(dim=2), flat.std(dim=2)]
+        features = self.embed(torch.cat(pooled, dim=1))
         return features, self.style_head(features), self.content_head(features)
 
 
