@@ -244,6 +244,9 @@ class EvaluatorsConfig(Section):
     holdout_emoji_fraction: float = Field(0.15, gt=0.0, lt=1.0,
                                           description="Emoji whose style labels are held out (style accuracy).")
     holdout_style: str | None = Field(None, description="Style whose content labels are held out; None = seeded pick.")
+    release_holdout_at: float = Field(0.75, gt=0.0, le=1.0,
+                                      description="Share of steps after which held-out accuracy is measured and "
+                                                  "the held-out labels join training (1 = never).")
 
 
 class EvaluateConfig(Section):

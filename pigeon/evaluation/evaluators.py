@@ -30,12 +30,7 @@ CONFIG_FILE = "config.json"
 
 
 class EvaluatorNet(nn.Module):
-    """Four conv stages (32 → 4 px); the mean and standard deviation of every stage's activations
-    → features [N, feature_dim] → style and content heads.
-
-    Channel statistics of every stage are what style transfer calls style (colour, outline and
-    shading statistics); pooling them from all stages lets a small, briefly trained network see them.
-    """
+    """Four conv stages (32 → 4 px) → pooled → features [N, feature_dim] → style and content heads."""
 
     def __init__(self, num_styles: int, num_contents: int, width: int = 32, feature_dim: int = 128):
         super().__init__()
@@ -43,21 +38,19 @@ class EvaluatorNet(nn.Module):
         def block(c_in: int, c_out: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
 
-        widths = (width, 2 * width, 4 * width, 4 * width)
-        self.stages = nn.ModuleList([block(3, widths[0])] + [
-            nn.Sequential(nn.MaxPool2d(2), block(c_in, c_out)) for c_in, c_out in zip(widths, widths[1:])])
-        self.embed = nn.Sequential(nn.Linear(2 * sum(widths), feature_dim), nn.ReLU())
+        self.trunk = nn.Sequential(
+            block(3, width), nn.MaxPool2d(2),
+            block(width, 2 * width), nn.MaxPool2d(2),
+            block(2 * width, 4 * width), nn.MaxPool2d(2),
+            block(4 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.embed = nn.Sequential(nn.Linear(4 * width, feature_dim), nn.ReLU())
         self.style_head = nn.Linear(feature_dim, num_styles)
         self.content_head = nn.Linear(feature_dim, num_contents)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """images [N, 3, S, S] in [-1, 1] → (features, style logits, content logits)."""
-        pooled, x = [], images
-        for stage in self.stages:
-            x = stage(x)
-            flat = x.flatten(2).float()
-            pooled += [flat.mean(dim=2), flat.std(dim=2)]
-        features = self.embed(torch.cat(pooled, dim=1))
+        features = self.embed(self.trunk(images))
         return features, self.style_head(features), self.content_head(features)
 
 
@@ -158,9 +151,24 @@ def _accuracies(evaluator: Evaluator, images: np.ndarray, items: pd.DataFrame, m
             "n": int(mask.sum())}
 
 
+def _held_out_report(evaluator: Evaluator, images: np.ndarray, items: pd.DataFrame, split: HoldoutSplit) -> dict:
+    held_style = _accuracies(evaluator, images, items, ~split.style_train)
+    held_content = _accuracies(evaluator, images, items, ~split.content_train)
+    train = _accuracies(evaluator, images, items, split.style_train & split.content_train)
+    return {"style_accuracy": held_style["style"],  # on held-out emoji
+            "content_accuracy": held_content["content"],  # on the held-out style
+            "train_style_accuracy": train["style"], "train_content_accuracy": train["content"],
+            "holdout_emoji_images": held_style["n"], "holdout_style_images": held_content["n"]}
+
+
 def train_evaluator(images: np.ndarray, items: pd.DataFrame, cfg: EvaluatorsConfig, seed: int,
                     device: torch.device, autocast=None, progress: bool = True) -> tuple[Evaluator, dict]:
-    """Train on real images [N, S, S, 3] uint8 (rows = items); → (evaluator, report)."""
+    """Train on real images [N, S, S, 3] uint8 (rows = items); → (evaluator, report).
+
+    Held-out labels are masked for the first ``cfg.release_holdout_at`` of the steps; the held-out
+    accuracies are measured then, and the held-out labels join training for the remaining steps,
+    so the saved evaluator has no blind style or emoji (and is at least as good as measured).
+    """
     from contextlib import nullcontext
 
     styles = sorted(items["style"].unique())
@@ -170,23 +178,29 @@ def train_evaluator(images: np.ndarray, items: pd.DataFrame, cfg: EvaluatorsConf
     net = EvaluatorNet(len(styles), len(emoji_keys), cfg.width, cfg.feature_dim).to(device)
     evaluator = Evaluator(net, styles, emoji_keys, images.shape[1], device)
 
-    usable = np.flatnonzero(split.style_train | split.content_train)
     all_x = to_model_input(images, images.shape[1], device)
     style_y = torch.tensor(evaluator.style_index(items["style"]), device=device)
     content_y = torch.tensor(evaluator.content_index(items["emoji_key"]), device=device)
     style_ok = torch.tensor(split.style_train, device=device)
     content_ok = torch.tensor(split.content_train, device=device)
+    usable = np.flatnonzero(split.style_train | split.content_train)
+    release_step = min(cfg.steps, max(1, round(cfg.release_holdout_at * cfg.steps)))
 
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     warmup = max(1, cfg.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup)
+                                                 * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps)))
     generator = torch.Generator(device=device).manual_seed(seed)
     order_rng = np.random.default_rng(seed)
     order, cursor = order_rng.permutation(usable), 0
-    curve = []
+    curve, held_out = [], None
     net.train()
     for step in tqdm(range(cfg.steps), desc="evaluators", disable=not progress, leave=False):
+        if step == release_step:
+            held_out = _held_out_report(evaluator, images, items, split)
+            net.train()
+            style_ok[:], content_ok[:] = True, True
+            usable, cursor = np.arange(len(items)), len(order)  # reshuffle over every image
         if cursor + cfg.batch_size > len(order):
             order, cursor = order_rng.permutation(usable), 0
         index = torch.as_tensor(order[cursor : cursor + cfg.batch_size], device=device)
@@ -207,33 +221,26 @@ def train_evaluator(images: np.ndarray, items: pd.DataFrame, cfg: EvaluatorsConf
         if step % max(1, cfg.steps // 20) == 0 or step == cfg.steps - 1:
             curve.append({"step": step, "loss": loss.item(), "loss_style": loss_style.item(),
                           "loss_content": loss_content.item()})
-
-    holdout_emoji_rows = ~split.style_train
-    holdout_style_rows = ~split.content_train
-    held_style = _accuracies(evaluator, images, items, holdout_emoji_rows)
-    held_content = _accuracies(evaluator, images, items, holdout_style_rows)
-    train_rows = split.style_train & split.content_train
-    train = _accuracies(evaluator, images, items, train_rows)
-    chance_style, chance_content = 1.0 / len(styles), 1.0 / len(emoji_keys)
+    if held_out is None:  # release_holdout_at = 1: measured on the final model
+        held_out = _held_out_report(evaluator, images, items, split)
+    final = _accuracies(evaluator, images, items, np.ones(len(items), dtype=bool))
     report = {
-        "style_accuracy": held_style["style"],  # held-out emoji
-        "content_accuracy": held_content["content"],  # held-out style
-        "style_accuracy_chance": chance_style,
-        "content_accuracy_chance": chance_content,
-        "train_style_accuracy": train["style"],
-        "train_content_accuracy": train["content"],
+        **held_out,
+        "measured_at_step": release_step,
+        "style_accuracy_chance": 1.0 / len(styles),
+        "content_accuracy_chance": 1.0 / len(emoji_keys),
+        "final_style_accuracy_all_images": final["style"],
+        "final_content_accuracy_all_images": final["content"],
         "holdout_style": split.holdout_style,
         "holdout_emoji_count": len(split.holdout_emoji),
-        "holdout_style_images": held_content["n"],
-        "holdout_emoji_images": held_style["n"],
         "num_styles": len(styles),
         "num_emoji": len(emoji_keys),
         "image_size": int(images.shape[1]),
         "steps": cfg.steps,
         "final_loss": curve[-1]["loss"] if curve else float("nan"),
         "curve": curve,
+        "holdout_emoji": list(split.holdout_emoji),
     }
-    report["holdout_emoji"] = list(split.holdout_emoji)
     return evaluator, report
 
 

@@ -115,7 +115,8 @@ def write_results_md(path, metrics_json: dict, metrics: tuple[Metric, ...], meth
         (f"Evaluators (a CNN trained here on real images only, never on generated ones, never the reward "
         f"encoder): style accuracy {ev['style_accuracy']:.3f} on held-out emoji, content accuracy "
         f"{ev['content_accuracy']:.3f} on the held-out style `{ev['holdout_style']}` "
-        f"(chance {ev['style_accuracy_chance']:.3f} / {ev['content_accuracy_chance']:.4f})."),
+        f"(chance {ev['style_accuracy_chance']:.3f} / {ev['content_accuracy_chance']:.4f}), measured at step "
+        f"{ev.get('measured_at_step', '?')}, after which the held-out labels joined training."),
         "",
         *[f"- {note}" for note in notes],
     ]

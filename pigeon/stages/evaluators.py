@@ -2,7 +2,8 @@
 
 Reads ``data/raw`` only; writes ``models/evaluators/`` (``model.safetensors``, ``config.json``,
 ``metrics.json``, ``curves.csv``, replaced atomically) and ``reports/evaluators.json`` with the
-held-out accuracies: style on held-out emoji, content on a held-out style.
+held-out accuracies: style on held-out emoji, content on a held-out style, measured before those
+labels join the last part of training (``evaluators.release_holdout_at``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pigeon.paths import Workspace
 from pigeon.runtime import autocast, resolve_device
 
 SUMMARY_KEYS = ("style_accuracy", "content_accuracy", "style_accuracy_chance", "content_accuracy_chance",
-                "holdout_style", "train_style_accuracy", "train_content_accuracy", "num_styles", "num_emoji")
+                "holdout_style", "measured_at_step", "train_style_accuracy", "train_content_accuracy",
+                "final_style_accuracy_all_images", "final_content_accuracy_all_images", "num_styles", "num_emoji")
 
 
 def run(params: Params, ws: Workspace) -> dict:
