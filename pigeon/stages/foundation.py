@@ -110,7 +110,7 @@ def run(params: Params, ws: Workspace) -> dict:
     with atomic_dir(ws.foundation) as tmp:
         backbone.save_pretrained(tmp)
         write_json(tmp / "metrics.json", metrics)
-        curves = pd.DataFrame(state.curves)
+        curves = curve_table(state.curves)
         atomic_write_text(tmp / "curves.csv", curves.to_csv(index=False))
         atomic_write_bytes(tmp / "curves.png", curves_png(curves))
         grid_titles = [data.holdout_captions[i] for i in shown]
@@ -129,6 +129,13 @@ def fingerprint(params: Params, data: FoundationData) -> str:
     sections["foundation"].pop("checkpoint_every")
     text = json.dumps(sections, sort_keys=True) + data.fingerprint()
     return hashlib.md5(text.encode()).hexdigest()
+
+
+def curve_table(rows: list[dict]) -> pd.DataFrame:
+    """Curve rows in a fixed column order (rows restored from a checkpoint's JSON come key-sorted)."""
+    curves = pd.DataFrame(rows)
+    lead = [c for c in ("phase", "step", "loss") if c in curves]
+    return curves[lead + sorted(c for c in curves.columns if c not in lead)]
 
 
 def trainer_diffusion_steps(trainer: FoundationTrainer) -> int:

@@ -9,11 +9,12 @@ from __future__ import annotations
 from pigeon.config import Params
 from pigeon.data.raw import read_items
 from pigeon.data.users import simulate_users, write_simulation
-from pigeon.io import atomic_dir, write_json
+from pigeon.io import atomic_dir, ensure_folders, write_json
 from pigeon.paths import Workspace
 
 
 def run(params: Params, ws: Workspace) -> dict:
+    ensure_folders(ws.users.parent, ws.reports)  # both outputs must be writable before users are replaced
     items = read_items(ws.raw)
     sim = simulate_users(items, params.simulate, seed=params.seed)
     with atomic_dir(ws.users) as tmp:

@@ -47,6 +47,30 @@ def scored(smoke):
             "baseline": baseline, "evaluator": evaluator}
 
 
+def test_holdout_split_hides_one_style_and_some_emoji(synthetic_raw, smoke):
+    from pigeon.evaluation.evaluators import make_holdout_split
+
+    items = read_items(synthetic_raw)
+    split = make_holdout_split(items, smoke.params.evaluators, seed=0)
+    held_emoji = items["emoji_key"].isin(split.holdout_emoji).to_numpy()
+    assert (~split.style_train == held_emoji).all() and 0 < held_emoji.mean() < 0.5
+    assert (~split.content_train == (items["style"] == split.holdout_style).to_numpy()).all()
+    again = make_holdout_split(items, smoke.params.evaluators, seed=0)
+    assert (again.holdout_emoji, again.holdout_style) == (split.holdout_emoji, split.holdout_style)
+
+
+def test_augment_moves_whole_pixels_and_keeps_colours():
+    import torch
+
+    from pigeon.evaluation.evaluators import augment
+
+    images = torch.rand(6, 3, 8, 8) * 2 - 1
+    moved = augment(images, torch.Generator().manual_seed(0), max_shift=2, brightness=0.0)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), value=1.0)
+    for i in range(len(images)):  # each output is an exact white-filled crop: no resampling blur
+        assert any(torch.equal(padded[i, :, dy:dy + 8, dx:dx + 8], moved[i]) for dy in range(5) for dx in range(5))
+
+
 def test_evaluators_stage_outputs_and_held_out_accuracy(smoke, scored):
     ws, report = scored["ws"], scored["report"]
     for name in ("model.safetensors", "config.json", "metrics.json", "curves.csv"):
@@ -58,6 +82,9 @@ def test_evaluators_stage_outputs_and_held_out_accuracy(smoke, scored):
     assert report["style_accuracy"] >= 0.7 > 2 * report["style_accuracy_chance"]
     assert report["content_accuracy"] > 3 * report["content_accuracy_chance"]
     assert report["holdout_emoji_images"] > 0 and report["holdout_style_images"] > 0
+    # Measured before the held-out labels joined training; the saved model then learned them too.
+    assert 0 < report["measured_at_step"] < smoke.params.evaluators.steps
+    assert report["final_style_accuracy_all_images"] >= report["style_accuracy"] - 0.05
     curve = pd.read_csv(ws.evaluators / "curves.csv")
     assert curve["loss"].iloc[-1] < curve["loss"].iloc[0]
     # The saved weights reproduce the evaluator that was measured.
