@@ -127,8 +127,8 @@ def write_results_md(path, metrics_json: dict, metrics: tuple[Metric, ...], meth
               "mean cosine similarity of evaluator features to the 5 history images; hist SSIM = mean SSIM to "
               "them; content acc = the evaluator names the reference's emoji; ref / truth sim = feature "
               "cosine to the reference / the ground truth; FD = Fréchet distance of evaluator features to real "
-              "images of the preferred styles (style mix of the windows; resampling duplicates images, so its "
-              "bootstrap interval sits above the point value); truth SSIM / PSNR = pixels vs the ground truth "
+              "images of the preferred styles (style mix of the windows; its interval is the bootstrap spread "
+              "re-centred on the value, since repeated images inflate a resampled FD); truth SSIM / PSNR = pixels vs the ground truth "
               "(PSNR of identical images is capped at 100 dB)."), ""]
     atomic_write_text(path, "\n".join(parts))
 

@@ -1,9 +1,9 @@
 """A stage SIGKILLed at a seeded random point resumes to exactly what an uninterrupted run writes.
 
-Each test runs the real CLI in subprocesses (one thread each, CPU): an uninterrupted run beside
-one that is killed between two checkpoints (the k-th checkpoint to appear plus a random share of
-the last interval, both drawn from ``PIGEON_KILL_SEED``), then re-runs the killed one and compares
-the outputs bit for bit. stage1 and dpo resume are tested in tests/model/test_training.py; the
+Each test runs the real CLI (one thread, CPU): a subprocess killed between two checkpoints (the
+k-th checkpoint to appear plus a random share of the last interval, both drawn from
+``PIGEON_KILL_SEED``), re-run in a new subprocess while an uninterrupted run goes in-process beside
+it; the outputs are compared bit for bit. stage1 and dpo resume are tested in tests/model/test_training.py; the
 foundation's fixed kill points in tests/model/test_foundation.py.
 """
 
@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pigeon.cli import main
 from pigeon.io import file_md5, load_tensors, read_json
 from pigeon.paths import Workspace
 from tests.conftest import REPO, SMOKE_OVERRIDES, SMOKE_STYLES, smoke_params
@@ -82,20 +83,23 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
 
 
 def kill_between_checkpoints(proc: subprocess.Popen, mark: Callable[[], object], k: int, share: float,
-                             log: Path) -> list:
-    """SIGKILL ``proc`` ``share`` of the way from the k-th progress mark it writes towards the (k+1)-th."""
+                             log: Path) -> tuple[object, float]:
+    """SIGKILL ``proc`` ``share`` of the last interval after the k-th progress mark it writes (the last
+    interval roughly predicts the next; across a phase change the kill may land a few marks later).
+    Returns the k-th mark and the delay."""
     seen: list[tuple[object, float]] = []
     while proc.poll() is None:
         now = mark()
         if now is not None and (not seen or now != seen[-1][0]):
             seen.append((now, time.monotonic()))
             if len(seen) == k:
-                time.sleep(share * (seen[-1][1] - seen[-2][1]))  # the last interval predicts the next
+                delay = share * (seen[-1][1] - seen[-2][1])
+                time.sleep(delay)
                 proc.send_signal(signal.SIGKILL)
                 break
         time.sleep(0.005)
     assert proc.wait() == -signal.SIGKILL, f"finished before the kill (marks seen: {seen})\n{log.read_text()[-2000:]}"
-    return [m for m, _ in seen]
+    return seen[-1][0], delay
 
 
 def checkpoint_state(ws: Workspace, stage: str) -> dict | None:
@@ -116,22 +120,21 @@ def test_foundation_killed_at_a_seeded_random_point_resumes_to_identical_weights
     rng = random.Random(KILL_SEED)
     k, share = rng.randint(2, 10), rng.random()
     whole, killed = copy(base, tmp_path / "whole", "models"), copy(base, tmp_path / "killed", "models")
-    logs = {name: tmp_path / f"{name}.log" for name in ("whole", "killed")}
-    uninterrupted = start(stage_args("foundation", whole, *FOUNDATION), logs["whole"])
-    victim = start(stage_args("foundation", killed, *FOUNDATION), logs["killed"])
+    log = tmp_path / "killed.log"
+    victim = start(stage_args("foundation", killed, *FOUNDATION), log)
 
     def mark():
         state = checkpoint_state(killed, "foundation")
         return None if state is None else (state["phase"], state["step"])
 
-    seen = kill_between_checkpoints(victim, mark, k, share, logs["killed"])
+    after, delay = kill_between_checkpoints(victim, mark, k, share, log)
     on_disk = mark()
-    print(f"PIGEON_KILL_SEED={KILL_SEED}: killed {share:.2f} of the way after checkpoint {seen[-1]} "
-          f"(checkpoint {k}); resuming from {on_disk}")
+    print(f"PIGEON_KILL_SEED={KILL_SEED}: killed {delay:.2f} s after checkpoint {k} {after}; resuming from {on_disk}")
     assert on_disk is not None and on_disk[0] != "done" and not killed.foundation.exists()
 
-    finish(start(stage_args("foundation", killed, *FOUNDATION), logs["killed"]), logs["killed"])
-    finish(uninterrupted, logs["whole"])
+    resumed_run = start(stage_args("foundation", killed, *FOUNDATION), log)
+    assert main(stage_args("foundation", whole, *FOUNDATION)) == 0  # the uninterrupted run
+    finish(resumed_run, log)
     resumed_metrics, whole_metrics = read_json(killed.foundation / "metrics.json"), read_json(whole.foundation / "metrics.json")
     assert resumed_metrics["resumed_from"] == list(on_disk) and whole_metrics["resumed_from"] is None
     resumed = load_tensors(killed.foundation / "weights.safetensors")
@@ -154,22 +157,23 @@ def shard_hashes(ws: Workspace) -> dict[str, str]:
 
 
 def test_candidates_killed_at_a_seeded_random_point_redo_only_the_missing_shards(base, tmp_path, capsys):
-    from pigeon.cli import main
-
     rng = random.Random(KILL_SEED + 1)
-    k, share = rng.randint(2, 6), rng.random()
+    k, share = rng.randint(2, 5), rng.random()  # at least 2 shards still to go
     whole, killed = copy(base, tmp_path / "whole", "artifacts"), copy(base, tmp_path / "killed", "artifacts")
-    logs = {name: tmp_path / f"{name}.log" for name in ("whole", "killed")}
-    uninterrupted = start(stage_args("candidates", whole, *CANDIDATES), logs["whole"])
-    victim = start(stage_args("candidates", killed, *CANDIDATES), logs["killed"])
-    shard_jsons = lambda: len(list(killed.candidates.glob("shard-*.json"))) or None  # noqa: E731
-    kill_between_checkpoints(victim, shard_jsons, k, share, logs["killed"])
+    log = tmp_path / "killed.log"
+    victim = start(stage_args("candidates", killed, *CANDIDATES), log)
+
+    def shard_jsons():  # a shard is complete once its JSON is written (the last of its three files)
+        return len(list(killed.candidates.glob("shard-*.json"))) or None
+
+    _, delay = kill_between_checkpoints(victim, shard_jsons, k, share, log)
     complete = len(list(killed.candidates.glob("shard-*.json")))
-    print(f"PIGEON_KILL_SEED={KILL_SEED}: killed {share:.2f} of the way after shard {k}; {complete} complete")
+    print(f"PIGEON_KILL_SEED={KILL_SEED}: killed {delay:.2f} s after shard {k} was written; {complete} complete")
     assert not (killed.candidates / "index.json").exists()  # absent until every shard is complete
 
-    finish(start(stage_args("candidates", killed, *CANDIDATES), logs["killed"]), logs["killed"])
-    finish(uninterrupted, logs["whole"])
+    resumed_run = start(stage_args("candidates", killed, *CANDIDATES), log)
+    assert main(stage_args("candidates", whole, *CANDIDATES)) == 0  # the uninterrupted run
+    finish(resumed_run, log)
     index = read_json(killed.candidates / "index.json")
     assert index["shards_skipped_this_run"] == complete and len(index["shards"]) == 7
     assert index["generated_this_run"] == (7 - complete) * 8 * 3

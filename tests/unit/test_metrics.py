@@ -130,6 +130,17 @@ def test_bootstrap_ci_of_constant_and_custom_statistic():
     assert point == pytest.approx(49.5) and low < 49.5 < high
 
 
+def test_bootstrap_ci_recentred_interval_contains_a_biased_statistic():
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(60, 8))
+    reference = FrechetReference(*gaussian_stats(rng.normal(size=(2000, 8))))
+    point, low, high = bootstrap_ci(features, 200, 0, statistic=reference.distance_to_features)
+    assert low > point  # repeated rows inflate every resampled FD
+    point_r, low_r, high_r = bootstrap_ci(features, 200, 0, statistic=reference.distance_to_features, recentre=True)
+    assert point_r == point and low_r < point < high_r
+    assert high_r - low_r == pytest.approx(high - low)
+
+
 def test_accuracy():
     assert accuracy(np.array([1, 2, 3, 4]), np.array([1, 0, 3, 0])) == 0.5
     with pytest.raises(ValueError):
