@@ -38,7 +38,9 @@ def cmd_params(args: argparse.Namespace) -> int:
     from pigeon.config import dump_params
     from pigeon.io import atomic_write_text
 
-    text = dump_params(_params(args))
+    params = _params(args)
+    # The written file is already merged: mark it `default` so loading it does not merge the profile again.
+    text = f"# merged from profile {params.profile}\n" + dump_params(params.model_copy(update={"profile": "default"}))
     if args.write:
         atomic_write_text(args.write, text)
     else:

@@ -183,7 +183,8 @@ class TinyBackbone(Backbone):
         return F.linear(hidden, head[self.code_offset : self.img_end_id + 1])
 
     # --- adapters -----------------------------------------------------------------------------
-    def add_lora(self, r: int, alpha: int, dropout: float, target_modules: tuple[str, ...]) -> None:
+    def add_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.05,
+                 target_modules: tuple[str, ...] = ("q_proj", "v_proj")) -> None:
         from peft import LoraConfig, get_peft_model
 
         if self.has_lora:

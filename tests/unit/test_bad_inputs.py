@@ -60,7 +60,8 @@ def base(tmp_path_factory) -> Workspace:
     build_synthetic_raw(ws.raw, styles=SMOKE_STYLES, sizes=params.data.sizes, seed=0)
     simulate.run(params, ws)
     seed_everything(0)
-    TinyBackbone.create(params.backbone, read_items(ws.raw)["name"].astype(str), seed=0).save_pretrained(ws.foundation)
+    captions = read_items(ws.raw)["name"].astype(str)
+    TinyBackbone.create(params.backbone, captions, seed=0).save_pretrained(ws.foundation)
     head = load_pigeon(params, ws, None, "cpu")
     head.save_trainable(ws.stage1)
     head.save_trainable(ws.dpo)
@@ -155,12 +156,21 @@ def test_unreadable_items_table(ws, capsys):
 # --- windows: stage1 reads them through the one reader -------------------------------------------
 
 WINDOW_DEFECTS = {
-    "unknown-item-id": ("train", lambda f: f.assign(history_2=f["history_2"].where(f.index != 7, 99_999)),
-                        ("history_2 = 99999", "is not an item id")),
-    "unknown-reference": ("val", lambda f: f.assign(reference_item=f["reference_item"].where(f.index != 0, -3)),
-                          ("reference_item = -3",)),
-    "six-history-items": ("train", lambda f: f.assign(history_5=f["history_4"]),
-                          ("6 history items per window, expected 5", "history_5")),
+    "unknown-item-id": (
+        "train",
+        lambda f: f.assign(history_2=f["history_2"].where(f.index != 7, 99_999)),
+        ("history_2 = 99999", "is not an item id"),
+    ),
+    "unknown-reference": (
+        "val",
+        lambda f: f.assign(reference_item=f["reference_item"].where(f.index != 0, -3)),
+        ("reference_item = -3",),
+    ),
+    "six-history-items": (
+        "train",
+        lambda f: f.assign(history_5=f["history_4"]),
+        ("6 history items per window, expected 5", "history_5"),
+    ),
     "four-history-items": ("val", lambda f: f.drop(columns=["history_4"]), ("missing column(s) history_4",)),
     "empty-train-split": ("train", lambda f: f.iloc[:0], ("no training windows",)),
     "empty-val-split": ("val", lambda f: f.iloc[:0], ("no validation windows",)),
@@ -333,7 +343,8 @@ def _png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    pixels = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 def _real_bomb() -> bytes:
@@ -346,10 +357,14 @@ SERVING_DEFECTS = {
     "malformed-json": (lambda r: json.dumps(r)[:-9], "request is not valid JSON"),
     "bad-base64": (lambda r: {**r, "reference": "%%% not base64 %%%"}, "'reference' is not valid base64"),
     "oversized-bytes": (lambda r: {**r, "reference": "A" * (2 << 20)}, "'reference' is larger than 1048576 bytes"),
-    "bomb-header": (lambda r: {**r, "reference": _b64(_png_header(100_000, 100_000))},
-                    "'reference' has too many pixels (decompression bomb)"),
-    "bomb-real": (lambda r: {**r, "history": [_b64(_real_bomb()), *r["history"][1:]]},
-                  "'history[0]' is 2000x2000 pixels; at most 1048576"),
+    "bomb-header": (
+        lambda r: {**r, "reference": _b64(_png_header(100_000, 100_000))},
+        "'reference' has too many pixels (decompression bomb)",
+    ),
+    "bomb-real": (
+        lambda r: {**r, "history": [_b64(_real_bomb()), *r["history"][1:]]},
+        "'history[0]' is 2000x2000 pixels; at most 1048576",
+    ),
     "too-many-history": (lambda r: {**r, "history": r["history"] + r["history"][:1]}, "exactly 5 images; got 6"),
 }
 
