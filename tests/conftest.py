@@ -69,7 +69,8 @@ class SmokePipeline:
 def smoke(tmp_path_factory) -> SmokePipeline:
     import torch
 
-    torch.set_num_threads(2)
+    # One thread: tests start subprocesses (servers, killed stages) that would oversubscribe two.
+    torch.set_num_threads(1)
     return SmokePipeline(tmp_path_factory.mktemp("smoke"))
 
 
