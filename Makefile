@@ -59,4 +59,4 @@ bench: setup
 	@$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf .pigeon .prefect mlruns mlartifacts mlflow.db artifacts reports/samples
+	rm -rf .pigeon .prefect .prefect-results mlruns mlartifacts mlflow.db artifacts reports/samples
