@@ -37,6 +37,27 @@ def smoke_params(*extra: str):
     return load_params(REPO / "params.yaml", profile="smoke", overrides=[*SMOKE_OVERRIDES, *extra])
 
 
+def untrained_workspace(root: Path, params):
+    """Synthetic raw data, simulated users, an untrained tiny foundation and an untrained Pigeon head
+    saved as stage1 — the inputs of the later stages, without training anything."""
+    from pigeon.data.raw import read_items
+    from pigeon.data.synthetic import build_synthetic_raw
+    from pigeon.models.loading import load_pigeon
+    from pigeon.models.tiny import TinyBackbone
+    from pigeon.paths import Workspace
+    from pigeon.runtime import seed_everything
+    from pigeon.stages import simulate
+
+    ws = Workspace.at(root)
+    build_synthetic_raw(ws.raw, styles=SMOKE_STYLES, sizes=params.data.sizes, seed=0)
+    simulate.run(params, ws)
+    seed_everything(0)
+    captions = read_items(ws.raw)["name"].astype(str)
+    TinyBackbone.create(params.backbone, captions, seed=0).save_pretrained(ws.foundation)
+    load_pigeon(params, ws, None, "cpu").save_trainable(ws.stage1)
+    return ws
+
+
 class SmokePipeline:
     def __init__(self, root: Path):
         from pigeon.data.synthetic import build_synthetic_raw

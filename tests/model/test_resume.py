@@ -26,7 +26,7 @@ import torch
 from pigeon.cli import main
 from pigeon.io import file_md5, load_tensors, read_json
 from pigeon.paths import Workspace
-from tests.conftest import REPO, SMOKE_OVERRIDES, SMOKE_STYLES, smoke_params
+from tests.conftest import REPO, SMOKE_OVERRIDES, smoke_params, untrained_workspace
 
 pytestmark = pytest.mark.slow
 KILL_SEED = int(os.environ.get("PIGEON_KILL_SEED", "20261126"))
@@ -40,23 +40,8 @@ CANDIDATES = ("candidates.train_windows=48",)  # 48 train + 8 val windows → 7 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Workspace:
     """Synthetic raw data, simulated users, and an untrained foundation + stage-1 head (candidates' inputs)."""
-    from pigeon.data.raw import read_items
-    from pigeon.data.synthetic import build_synthetic_raw
-    from pigeon.models.loading import load_pigeon
-    from pigeon.models.tiny import TinyBackbone
-    from pigeon.runtime import seed_everything
-    from pigeon.stages import simulate
-
     torch.set_num_threads(1)
-    ws = Workspace.at(tmp_path_factory.mktemp("resume"))
-    params = smoke_params(*OVERRIDES)
-    build_synthetic_raw(ws.raw, styles=SMOKE_STYLES, sizes=params.data.sizes, seed=0)
-    simulate.run(params, ws)
-    seed_everything(0)
-    captions = read_items(ws.raw)["name"].astype(str)
-    TinyBackbone.create(params.backbone, captions, seed=0).save_pretrained(ws.foundation)
-    load_pigeon(params, ws, None, "cpu").save_trainable(ws.stage1)
-    return ws
+    return untrained_workspace(tmp_path_factory.mktemp("resume"), smoke_params(*OVERRIDES))
 
 
 def copy(base: Workspace, dest: Path, drop: str) -> Workspace:

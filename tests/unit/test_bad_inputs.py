@@ -29,7 +29,7 @@ from pigeon.cli import main
 from pigeon.data.raw import image_path, png_bytes, read_items
 from pigeon.io import tree_hash
 from pigeon.paths import Workspace
-from tests.conftest import REPO, SMOKE_OVERRIDES, SMOKE_STYLES, smoke_params
+from tests.conftest import REPO, SMOKE_OVERRIDES, smoke_params, untrained_workspace
 
 OVERRIDES = (*SMOKE_OVERRIDES, "tracking.enabled=false", "threads=1", "device=cpu")
 OUTPUTS = ("data/users", "models", "reports", "artifacts")
@@ -48,23 +48,9 @@ class LivePickle:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Workspace:
     """Synthetic raw data, simulated users, an untrained tiny foundation and Pigeon head (stage1, dpo)."""
-    from pigeon.data.synthetic import build_synthetic_raw
-    from pigeon.models.loading import load_pigeon
-    from pigeon.models.tiny import TinyBackbone
-    from pigeon.runtime import seed_everything
-    from pigeon.stages import simulate
-
     torch.set_num_threads(1)
-    ws = Workspace.at(tmp_path_factory.mktemp("bad-inputs"))
-    params = smoke_params(*OVERRIDES)
-    build_synthetic_raw(ws.raw, styles=SMOKE_STYLES, sizes=params.data.sizes, seed=0)
-    simulate.run(params, ws)
-    seed_everything(0)
-    captions = read_items(ws.raw)["name"].astype(str)
-    TinyBackbone.create(params.backbone, captions, seed=0).save_pretrained(ws.foundation)
-    head = load_pigeon(params, ws, None, "cpu")
-    head.save_trainable(ws.stage1)
-    head.save_trainable(ws.dpo)
+    ws = untrained_workspace(tmp_path_factory.mktemp("bad-inputs"), smoke_params(*OVERRIDES))
+    shutil.copytree(ws.stage1, ws.dpo)
     return ws
 
 
