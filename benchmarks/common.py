@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
@@ -60,10 +59,9 @@ def save(name: str, rows: list[dict], extra: dict | None = None) -> Path:
 
 def random_model(lm_scale: int = 1, image_size: int = 32, device: str = "cpu", **backbone_overrides):
     """A randomly initialised tiny-backbone Pigeon model at the default sizes (×lm_scale LM width)."""
-    from pigeon.config import BackboneConfig, LMConfig, ModelConfig
+    from pigeon.config import BackboneConfig, LMConfig, LoraConfig, ModelConfig
     from pigeon.models.pigeon import PigeonModel
     from pigeon.models.tiny import TinyBackbone
-    from pigeon.config import LoraConfig
 
     base = LMConfig()
     lm = LMConfig(hidden_size=base.hidden_size * lm_scale, num_layers=base.num_layers,

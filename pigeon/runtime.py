@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import random
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 OFFLINE_ENV = {
     "DO_NOT_TRACK": "true",
