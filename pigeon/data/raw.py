@@ -55,17 +55,23 @@ def decode_png(path: Path, size: int) -> np.ndarray:
         raise DataError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from exc
 
 
-def read_items(raw_dir: str | Path) -> pd.DataFrame:
-    path = Path(raw_dir) / "items.parquet"
+def read_table(path: Path, columns: list[str] | tuple[str, ...], missing_hint: str) -> pd.DataFrame:
+    """Read a parquet table; a missing file, unreadable parquet or missing column is a one-line DataError."""
     if not path.is_file():
-        raise DataError(f"{path}: items table missing (run `pigeon data fetch` or `dvc pull`)")
+        raise DataError(f"{path}: {missing_hint}")
     try:
-        items = pd.read_parquet(path)
+        frame = pd.read_parquet(path)
     except Exception as exc:
-        raise DataError(f"{path}: cannot read parquet ({exc})") from exc
-    missing = [c for c in ITEM_COLUMNS if c not in items.columns]
+        raise DataError(f"{path}: cannot read parquet ({type(exc).__name__}: {exc})") from exc
+    missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    return frame
+
+
+def read_items(raw_dir: str | Path) -> pd.DataFrame:
+    path = Path(raw_dir) / "items.parquet"
+    items = read_table(path, ITEM_COLUMNS, "items table missing (run `pigeon data fetch` or `dvc pull`)")
     if not np.array_equal(items["item_id"].to_numpy(), np.arange(len(items))):
         raise DataError(f"{path}: item_id must be 0..N-1 in row order")
     return items

@@ -26,6 +26,7 @@ import pandas as pd
 
 from pigeon.config import SimulateConfig
 from pigeon.data.raw import read_items
+from pigeon.data.raw import read_table as read_parquet_table
 from pigeon.errors import DataError
 from pigeon.paths import Workspace
 
@@ -211,16 +212,7 @@ def write_simulation(sim: Simulation, out_dir: Path) -> None:
 
 
 def read_table(path: Path, columns: list[str] | tuple[str, ...]) -> pd.DataFrame:
-    if not path.is_file():
-        raise DataError(f"{path}: file missing (run `pigeon stage simulate`)")
-    try:
-        frame = pd.read_parquet(path)
-    except Exception as exc:
-        raise DataError(f"{path}: cannot read parquet ({type(exc).__name__}: {exc})") from exc
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
-    return frame
+    return read_parquet_table(path, columns, "file missing (run `pigeon stage simulate`)")
 
 
 def read_users(ws: Workspace) -> pd.DataFrame:
