@@ -73,6 +73,11 @@ class Backbone(nn.Module, ABC):
     ) -> tuple[torch.Tensor, object]:
         """Run the (possibly LoRA-wrapped) LM body → (last hidden states [B, L, d_model], cache)."""
 
+    def decoder_body(self) -> nn.Module | None:
+        """The Llama-style LM body (``layers``, ``norm``, ``rotary_emb``) that generation may step
+        through with :mod:`pigeon.models.decoding`; None keeps the library forward for every step."""
+        return None
+
     @abstractmethod
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d_model] → logits [..., K + 1]: K visual codes, then end-of-image."""

@@ -16,6 +16,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from pigeon.config import SamplingConfig
+from pigeon.models.decoding import fast_decoder
 
 if TYPE_CHECKING:
     from pigeon.models.pigeon import Conditioning, PigeonModel, WindowBatch
@@ -77,9 +78,20 @@ def gumbel_sample(logits: torch.Tensor, sampling: SamplingConfig, generator: tor
     return (logits - torch.log(-torch.log(uniform))).argmax(dim=-1)
 
 
+def compute_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype products run in: autocast's when it is on for ``device``, else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return weight_dtype
+
+
 def sample_codes(model: PigeonModel, windows: WindowBatch, rows: WindowBatch, cond: Conditioning,
-                 samples: int, sampling: SamplingConfig, seed: int, use_cache: bool) -> torch.Tensor:
-    """codes [N, T] for the N = len(rows) rows (row i*samples + s comes from window i)."""
+                 samples: int, sampling: SamplingConfig, seed: int, use_cache: bool,
+                 fast_decode: bool = True) -> torch.Tensor:
+    """codes [N, T] for the N = len(rows) rows (row i*samples + s comes from window i).
+
+    ``use_cache`` with ``fast_decode`` steps through :class:`~pigeon.models.decoding.FastDecoder`
+    after the library's prefill; without it every step is a library forward (the reference)."""
     bb = model.backbone
     n, t, k = len(rows), bb.tokens_per_image, bb.codebook_size
     device = rows.history_codes.device
@@ -107,16 +119,35 @@ def sample_codes(model: PigeonModel, windows: WindowBatch, rows: WindowBatch, co
     else:
         prefix, _ = model.prefix(rows, history_mask, reference_mask)
         hidden, _ = bb.transformer(prefix, attention[:, :p], positions[:, :p])
+    decoder = None
+    if use_cache and fast_decode:
+        body = bb.decoder_body()
+        decoder = fast_decoder(body, compute_dtype(device, query.dtype if body is None else
+                                                   next(body.parameters()).dtype))
+    if decoder is not None:
+        # Attention reads the cache in the compute dtype: under autocast the library re-casts the whole
+        # fp32 cache at every step and layer (the largest cost in the profile); cast it once here.
+        keys = [layer.key_buffer.to(decoder.dtype) for layer in cache.layers]
+        values = [layer.value_buffer.to(decoder.dtype) for layer in cache.layers]
+        cos, sin = decoder.rotary(positions[:, p:], query.dtype)
+        # additive mask in the attention dtype: a boolean one is converted inside every SDPA call
+        visible = torch.zeros(n, 1, 1, attention.shape[1], dtype=decoder.dtype, device=device).masked_fill_(
+            ~attention.bool()[:, None, None, :], float("-inf"))
+    hidden = hidden[:, -1]
     for step in range(t):
-        codes[:, step] = gumbel_sample(bb.image_logits(hidden[:, -1])[:, :k], sampling, generator)
+        codes[:, step] = gumbel_sample(bb.image_logits(hidden)[:, :k], sampling, generator)
         if step == t - 1:
             break
         end = p + step + 1
-        if use_cache:
+        if decoder is not None:
+            new = bb.embed_codes(codes[:, step:step + 1])[:, 0].to(query.dtype)
+            hidden = decoder.step(new, cos[:, step], sin[:, step], end - 1, keys, values, visible[..., :end])
+        elif use_cache:
             new = bb.embed_codes(codes[:, step:step + 1])
             hidden, cache = bb.transformer(new.to(query.dtype), attention[:, :end], positions[:, end - 1:end],
                                            past_key_values=cache, use_cache=True)
+            hidden = hidden[:, -1]
         else:
             seq = torch.cat([prefix, bb.embed_codes(codes[:, :step + 1]).to(prefix.dtype)], dim=1)
-            hidden, _ = bb.transformer(seq, attention[:, :end], positions[:, :end])
+            hidden = bb.transformer(seq, attention[:, :end], positions[:, :end])[0][:, -1]
     return codes

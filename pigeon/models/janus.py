@@ -127,6 +127,9 @@ class JanusBackbone(Backbone):
                                   position_ids=position_ids, cache=past_key_values, use_cache=use_cache)
         return out.last_hidden_state, out.cache
 
+    def decoder_body(self):
+        return self.language_model
+
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         visual = self.model.model.generation_head(hidden)
         end = hidden @ self.model.lm_head.weight[self.eoi_token_id].to(hidden.dtype)

@@ -257,17 +257,20 @@ class PigeonModel(nn.Module):
     @torch.no_grad()
     def generate(self, batch: WindowBatch, alpha_ref, num_samples: int = 1,
                  sampling: SamplingConfig = SamplingConfig(), seed: int = 0,  # noqa: B008 (frozen)
-                 cond: Conditioning | None = None, use_cache: bool = True) -> GenerationOutput:
+                 cond: Conditioning | None = None, use_cache: bool = True,
+                 fast_decode: bool = True) -> GenerationOutput:
         """Sample T visual codes per window × sample (never end-of-image), in eval mode. With ``cond``
-        (B or B*S rows) its recorded masks and α_r are used; ``alpha_ref`` then only sets S."""
+        (B or B*S rows) its recorded masks and α_r are used; ``alpha_ref`` then only sets S.
+        ``use_cache=False`` (every step re-reads the whole sequence) and ``fast_decode=False`` (every
+        cached step is a library forward) are the reference paths the fast one is tested against."""
         was_training = self.training
         self.eval()
         try:
-            return self._generate(batch, alpha_ref, num_samples, sampling, seed, cond, use_cache)
+            return self._generate(batch, alpha_ref, num_samples, sampling, seed, cond, use_cache, fast_decode)
         finally:
             self.train(was_training)
 
-    def _generate(self, batch, alpha_ref, num_samples, sampling, seed, cond, use_cache) -> GenerationOutput:
+    def _generate(self, batch, alpha_ref, num_samples, sampling, seed, cond, use_cache, fast_decode) -> GenerationOutput:
         device = batch.history_codes.device
         b = len(batch)
         s, alpha_rows = self._sample_rows(b, alpha_ref, num_samples, device)
@@ -280,7 +283,7 @@ class PigeonModel(nn.Module):
         if len(cond) != len(rows):
             raise PigeonError(f"conditioning has {len(cond)} rows, expected {b} or {len(rows)}")
         cond = cond.to(device)
-        codes = sample_codes(self, batch, rows, cond, s, sampling, seed, use_cache)
+        codes = sample_codes(self, batch, rows, cond, s, sampling, seed, use_cache, fast_decode)
         return GenerationOutput(codes=codes, conditioning=cond, window_index=window_index)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

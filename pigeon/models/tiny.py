@@ -178,6 +178,9 @@ class TinyBackbone(Backbone):
                    cache=past_key_values, use_cache=use_cache)
         return out.last_hidden_state, out.cache
 
+    def decoder_body(self):
+        return self._causal_lm().model
+
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self._causal_lm().get_output_embeddings().weight
         return F.linear(hidden, head[self.code_offset : self.img_end_id + 1])

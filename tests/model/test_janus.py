@@ -129,6 +129,10 @@ def test_pigeon_on_janus_loss_logps_generate(backbone):
     out = model.generate(batch, [0.2, 0.9], seed=3)
     assert out.codes.shape == (4, 16) and int(out.codes.max()) < K
     assert torch.equal(out.codes, model.generate(batch, [0.2, 0.9], seed=3, use_cache=False).codes)
+    from pigeon.models.decoding import fast_decoder
+
+    assert fast_decoder(model.backbone.decoder_body(), torch.float32) is not None  # the lean step ran
+    assert torch.equal(out.codes, model.generate(batch, [0.2, 0.9], seed=3, fast_decode=False).codes)
     rows = batch.select(out.window_index)
     with torch.no_grad():
         logps = model.sequence_logps(rows, out.codes, out.conditioning)

@@ -156,6 +156,50 @@ def test_generation_same_codes_with_and_without_cache(model):
     assert torch.equal(replay.codes, cached.codes)
 
 
+@pytest.mark.parametrize("alpha_ref, samples", [([0.0, 1.0], 1), (0.5, 3), (0.3, 1)])
+def test_fast_decode_gives_the_library_forward_codes(model, alpha_ref, samples):
+    """The lean decode step (LoRA merged, fused products) against a library forward per step and no cache."""
+    from pigeon.models.decoding import fast_decoder
+
+    assert fast_decoder(model.backbone.decoder_body(), torch.float32) is not None  # the fast path is taken
+    batch = make_batch(model, b=4, seed=3)  # four captions of different lengths: left padding in play
+    fast = model.generate(batch, alpha_ref, num_samples=samples, seed=11)
+    library = model.generate(batch, alpha_ref, num_samples=samples, seed=11, fast_decode=False)
+    uncached = model.generate(batch, alpha_ref, num_samples=samples, seed=11, use_cache=False)
+    assert torch.equal(fast.codes, library.codes) and torch.equal(fast.codes, uncached.codes)
+
+
+def test_fast_decode_step_matches_the_library_hidden_state(model):
+    """One decode step's hidden state equals the library's teacher-forced one at that position."""
+    from pigeon.models.decoding import fast_decoder
+    from pigeon.models.generation import preallocated_cache
+
+    bb, batch = model.backbone, make_batch(model, b=3, seed=5)
+    cond = model.condition(batch, alpha_ref=0.4)
+    history_mask, reference_mask = cond.history_keep.float(), cond.reference_keep.float()
+    with torch.no_grad():
+        prefix, attention = model.prefix(batch, history_mask, reference_mask)
+        new = bb.embed_codes(batch.target_codes[:, :1])
+        full_attention = torch.cat([attention, attention.new_ones(len(batch), 1)], dim=1)
+        positions = model.positions(full_attention)
+        reference, _ = bb.transformer(torch.cat([prefix, new], dim=1), full_attention, positions)
+        p = prefix.shape[1]
+        cache = preallocated_cache(p + 1)
+        bb.transformer(prefix, attention, positions[:, :p], past_key_values=cache, use_cache=True)
+        decoder = fast_decoder(bb.decoder_body(), torch.float32)
+        cos, sin = decoder.rotary(positions[:, p], torch.float32)
+        hidden = decoder.step(new[:, 0], cos, sin, p, [layer.key_buffer for layer in cache.layers],
+                              [layer.value_buffer for layer in cache.layers], full_attention.bool()[:, None, None])
+    torch.testing.assert_close(hidden, reference[:, -1], rtol=1e-4, atol=1e-4)
+    # the LoRA weights are part of it: without them the state differs
+    model.backbone.lm.disable_adapter_layers()
+    try:
+        plain = fast_decoder(bb.decoder_body(), torch.float32)
+        assert not torch.allclose(plain.layers[0].qkv, decoder.layers[0].qkv)
+    finally:
+        model.backbone.lm.enable_adapter_layers()
+
+
 def test_generation_top_k_and_never_end_of_image(model, monkeypatch):
     batch = make_batch(model, b=2)
     greedy = SamplingConfig(top_k=1)
