@@ -43,9 +43,11 @@ data: setup
 	@if [ "$$(dvc status --json data.dvc 2>/dev/null)" = "{}" ]; then echo "data/raw: up to date"; \
 	elif dvc pull -q data.dvc 2>/dev/null; then echo "data/raw: pulled from the DVC remote"; \
 	else echo "data/raw: no remote copy; rebuilding from the pinned sources (about 1-4 minutes)"; \
-	  pigeon data fetch >/dev/null && [ "$$(dvc status --json data.dvc)" = "{}" ] \
-	  || { echo "data/raw does not match the md5 in data.dvc" >&2; exit 1; }; \
-	  dvc commit -f -q data.dvc && dvc push -q data.dvc || true; fi
+	  pigeon data fetch >/dev/null || exit 1; \
+	  expected="$$(grep -m1 md5: data.dvc)"; mkdir -p .dvc/tmp; cp data.dvc .dvc/tmp/data.dvc.pinned; dvc commit -f -q data.dvc; \
+	  if [ "$$(grep -m1 md5: data.dvc)" != "$$expected" ]; then mv .dvc/tmp/data.dvc.pinned data.dvc; \
+	    echo "data/raw does not match the md5 pinned in data.dvc ($$expected)" >&2; exit 1; fi; \
+	  rm -f .dvc/tmp/data.dvc.pinned; dvc push -q data.dvc || true; fi
 
 run: data
 	@if [ "$(PROFILE)" = default ]; then dvc repro; else dvc exp run -S profile=$(PROFILE); fi
