@@ -29,7 +29,7 @@ from pigeon.config import DataConfig
 from pigeon.data import emoji_render
 from pigeon.data.attribution import build_attribution
 from pigeon.data.emoji_keys import build_name_index, is_base_key, match_icons, normalize_key
-from pigeon.data.raw import ITEM_COLUMNS, image_path, png_bytes
+from pigeon.data.raw import ITEM_COLUMNS, content_hashes, image_path, png_bytes
 from pigeon.data.sources import (
     EMOJIBASE,
     EMOJIBASE_GROUPS,
@@ -42,7 +42,7 @@ from pigeon.data.sources import (
     packages_for,
 )
 from pigeon.errors import DataError
-from pigeon.io import atomic_dir, file_md5, write_json
+from pigeon.io import atomic_dir, write_json
 
 EXCLUDED_GROUPS = ("flags",)  # "base" emoji: flags are left out whatever data.drop_groups says
 
@@ -360,7 +360,7 @@ def fetch_dataset(cfg: DataConfig, out: Path, emoji_keys: Sequence[str] | None =
                        "max_emoji": cfg.max_emoji, "normalize_bbox": cfg.normalize_bbox,
                        "emoji_keys": None if emoji_keys is None else keys},
             "renderer": _versions(),
-            "hashes": {"items.parquet": file_md5(tmp / "items.parquet")},
+            "hashes": content_hashes(tmp, sizes),
         }
         write_json(tmp / "manifest.json", manifest)
         size_bytes = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())

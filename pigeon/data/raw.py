@@ -8,6 +8,12 @@ data/raw/
   manifest.json        styles, sizes, counts, package versions and integrity hashes
 ```
 
+``manifest.json``'s ``hashes`` hold the md5 of ``items.parquet`` and one digest per image folder
+(``images/<size>``, :func:`content_hashes`). The pipeline stages depend on the manifest and the items
+table rather than on the 17,500 image files (so a no-op ``dvc repro`` does not walk them once per
+stage); the ``validate`` stage depends on the whole folder and fails when an image no longer
+matches its digest.
+
 ``item_id`` is the row's position in ``items`` sorted by (style, emoji_key); ``file`` is
 ``<style>/<emoji_key>.png`` relative to ``images/<size>/``.
 """
@@ -28,6 +34,15 @@ ITEM_COLUMNS = ("item_id", "emoji_key", "name", "group", "style", "licence", "so
 
 def image_path(raw_dir: str | Path, size: int, file: str) -> Path:
     return Path(raw_dir) / "images" / str(size) / file
+
+
+def content_hashes(raw_dir: str | Path, sizes) -> dict[str, str]:
+    """The manifest's ``hashes``: md5 of ``items.parquet`` and a digest of each ``images/<size>`` folder."""
+    from pigeon.io import file_md5, tree_hash
+
+    raw_dir = Path(raw_dir)
+    return {"items.parquet": file_md5(raw_dir / "items.parquet"),
+            **{f"images/{size}": tree_hash(raw_dir / "images" / str(size)) for size in sizes}}
 
 
 def png_bytes(image: np.ndarray) -> bytes:

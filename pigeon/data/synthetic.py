@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from pigeon.config import STYLES
-from pigeon.data.raw import ITEM_COLUMNS, image_path, png_bytes
+from pigeon.data.raw import ITEM_COLUMNS, content_hashes, image_path, png_bytes
 from pigeon.errors import DataError
-from pigeon.io import atomic_dir, file_md5, write_json
+from pigeon.io import atomic_dir, write_json
 
 SHAPES = ("circle", "star", "square", "triangle", "diamond", "hexagon", "cross", "ring")
 COLOURS = {  # name -> RGB in [0, 1]
@@ -268,7 +268,7 @@ def build_synthetic_raw(
             },
             "packages": {},
             "params": {"styles": list(styles), "sizes": list(sizes), "n_emoji": n_emoji},
-            "hashes": {"items.parquet": file_md5(tmp / "items.parquet")},
+            "hashes": content_hashes(tmp, sizes),
         }
         write_json(tmp / "manifest.json", manifest)
     return manifest

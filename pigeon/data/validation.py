@@ -164,6 +164,22 @@ def _lookup(ids: pd.Series, table: pd.Series) -> pd.Series:
     return pd.Series(table.reindex(numeric).to_numpy(), index=ids.index)
 
 
+def check_manifest_hashes(raw_dir: Path, sizes: tuple[int, ...]) -> list[Check]:
+    """``items.parquet`` and each image folder still match the digests ``manifest.json`` recorded: the
+    stages after ``validate`` depend on the manifest, not on the image files themselves."""
+    from pigeon.data.raw import content_hashes
+    from pigeon.io import read_json
+
+    recorded = read_json(Path(raw_dir) / "manifest.json").get("hashes", {})
+    checks = []
+    for key, actual in content_hashes(raw_dir, sizes).items():
+        expected = recorded.get(key)
+        checks.append(Check("manifest", "expect_content_to_match_manifest_hash", key, actual == expected,
+                            observed=actual, expected={"manifest.json": expected or "missing: rebuild with "
+                                                      "`pigeon data fetch` or `dvc checkout data.dvc`"}))
+    return checks
+
+
 def check_images(raw_dir: Path, items: pd.DataFrame, sizes: tuple[int, ...]) -> list[Check]:
     """Every item image exists and decodes as RGB at each declared size."""
     from tqdm import tqdm
@@ -348,6 +364,7 @@ def validate_data(params: Params, ws: Workspace) -> list[Check]:
     )
     checks = runner.run("items", items_frame, item_expectations(gxe, items, params))
     checks += check_images(ws.raw, items, tuple(params.data.sizes))
+    checks += check_manifest_hashes(ws.raw, tuple(params.data.sizes))
 
     users_frame = users.assign(
         preferred_group_count=users["preferred_groups"]

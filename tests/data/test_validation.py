@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pigeon.data.raw import image_path, png_bytes, read_items
+from pigeon.data.raw import decode_png, image_path, png_bytes, read_items
 from pigeon.errors import DataError
 from pigeon.paths import Workspace
 from pigeon.stages import simulate, validate
@@ -71,6 +71,7 @@ def test_good_data_passes(good_ws, tmp_path):
         "windows_test",
         "images_32",
         "images_64",
+        "manifest",
     } == set(report["suites"])
     counted = [r for r in report["results"] if r["unexpected_count"] is not None]
     assert counted and all(r["unexpected_count"] == 0 for r in counted)
@@ -130,6 +131,15 @@ def test_corrupt_image(ws, capsys):
     path.write_bytes(path.read_bytes()[:40])  # truncated PNG
     hit, _, _ = _fails(ws, capsys, "expect_image_to_decode_at_declared_size", "file")
     assert hit["unexpected_count"] == 1 and "cannot decode image" in hit["sample"][0]
+
+
+def test_image_edited_after_the_manifest(ws, capsys):
+    """A valid image that is not the one the manifest recorded: the stages after validate depend on the
+    manifest, so validate is what notices."""
+    path = _image(ws, 2)
+    path.write_bytes(png_bytes(255 - np.asarray(decode_png(path, 32))))
+    hit, failed, _ = _fails(ws, capsys, "expect_content_to_match_manifest_hash", "images/32")
+    assert len(failed) == 1 and hit["observed"] != hit["expected"]["manifest.json"]
 
 
 def test_missing_image(ws, capsys):
