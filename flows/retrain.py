@@ -10,7 +10,10 @@ were made: a deleted or edited output makes its stage run again.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
+import os
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where dvc.yaml and the cod
 RESULTS_DIR = ".prefect-results"
 GPU_LIMIT = "gpu"
 GPU_STAGES = frozenset({"foundation", "stage1", "candidates", "dpo", "evaluate"})
+SHARDED_STAGES = ("candidates", "evaluate")  # each module has shard_count, generate_shard, shard_outputs
 RETRY_DELAY_SECONDS = 10
 
 
@@ -150,21 +154,39 @@ def stage_task(stage: str, call: StageCall) -> dict[str, Any]:
     return _plain({**result, "outputs": output_hashes(call.spec(stage), ws)})
 
 
-@task(task_run_name="candidates-shard-{shard_index}", cache_policy=StageCachePolicy(), persist_result=True,
+@task(task_run_name="{stage}-shard-{shard_index}", cache_policy=StageCachePolicy(), persist_result=True,
       result_serializer="json")
 def shard_task(stage: str, call: StageCall, shard_index: int) -> dict[str, Any]:
-    """Generate one shard of candidates; the ``candidates`` stage then keeps it and writes the index."""
+    """Make one shard of a sharded stage; the stage's own task then keeps it and merges the shards.
+    The result names the process that made it (``worker``)."""
     from pigeon.runtime import seed_everything, setup_torch
-    from pigeon.stages.candidates import generate_shard
-    from pigeon.training.candidates import shard_files
 
-    ws = call.ws
-    with workspace_lock(ws, f"candidates shard {shard_index}", token=call.lock_token), _gpu_slot(call, stage):
+    ws, module = call.ws, sharded_stage(stage)
+    with workspace_lock(ws, f"{stage} shard {shard_index}", token=call.lock_token), _gpu_slot(call, stage):
         setup_torch(call.params.threads)
-        seed_everything(call.params.seed)  # generation seeds itself per shard and chunk
-        result = generate_shard(call.params, ws, shard_index) or {}
-    files = [str(p.relative_to(ws.root)) for p in shard_files(ws.candidates, shard_index)]
-    return _plain({**result, "outputs": {path: data_hash(ws.root / path) for path in files}})
+        seed_everything(call.params.seed)  # generation seeds itself per shard and batch
+        result = module.generate_shard(call.params, ws, shard_index) or {}
+    files = [str(p.relative_to(ws.root)) for p in module.shard_outputs(ws, shard_index)]
+    return _plain({**result, "worker": worker_identity(),
+                   "outputs": {path: data_hash(ws.root / path) for path in files}})
+
+
+def sharded_stage(stage: str):
+    """The stage module of a sharded stage: ``shard_count``, ``generate_shard`` and ``shard_outputs``."""
+    if stage not in SHARDED_STAGES:
+        raise PigeonError(f"stage {stage!r} is not sharded (sharded stages: {', '.join(SHARDED_STAGES)})")
+    return importlib.import_module(f"pigeon.stages.{stage}")
+
+
+def worker_identity() -> dict[str, Any]:
+    """Where a task ran: host, process id and, on a Dask worker, the worker's name."""
+    try:
+        from distributed import get_worker
+
+        dask_worker = str(get_worker().name)
+    except (ImportError, ValueError):  # not inside a Dask worker
+        dask_worker = None
+    return {"host": socket.gethostname(), "pid": os.getpid(), "dask_worker": dask_worker}
 
 
 def _task_options(ws: Workspace, orch: OrchestrationConfig) -> dict[str, Any]:
@@ -177,11 +199,15 @@ def _task_options(ws: Workspace, orch: OrchestrationConfig) -> dict[str, Any]:
 
 
 def make_task_runner(orch: OrchestrationConfig):
-    """Threads by default (as many as GPU slots: more would only queue on the limit); a local Dask
-    cluster of ``dask_workers`` processes when asked for."""
+    """Threads by default (as many as GPU slots: more would only queue on the limit); with
+    ``task_runner: dask``, the running cluster at ``dask_address`` (workers on other nodes, started
+    with PREFECT_API_URL pointing at this flow's server) or else a local cluster of ``dask_workers``."""
     if orch.task_runner == "dask":
         from prefect import get_client
         from prefect_dask import DaskTaskRunner
+
+        if orch.dask_address:
+            return DaskTaskRunner(address=orch.dask_address)
 
         from pigeon.runtime import OFFLINE_ENV
 
@@ -193,17 +219,22 @@ def make_task_runner(orch: OrchestrationConfig):
     return ThreadPoolTaskRunner(max_workers=orch.gpu_concurrency)
 
 
-def shard_count(params: Params, ws: Workspace) -> int:
-    from pigeon.stages.candidates import open_run
-
-    return open_run(params, ws).plan.num_shards
+def shard_count(params: Params, ws: Workspace, stage: str) -> int:
+    return sharded_stage(stage).shard_count(params, ws)
 
 
-@flow(name="candidate-shards")
-def candidate_shards(call: StageCall, count: int) -> list[dict[str, Any]]:
-    """Fan the candidate generation out over shards on this flow's task runner."""
+def fan_out(stage: str, call: StageCall) -> list[dict[str, Any]]:
+    """Every shard of a sharded stage on the configured task runner → the shards' results."""
+    runner = make_task_runner(call.params.orchestration)
+    count = shard_count(call.params, call.ws, stage)
+    return stage_shards.with_options(task_runner=runner)(stage, call, count)
+
+
+@flow(name="stage-shards", flow_run_name="{stage}-shards")
+def stage_shards(stage: str, call: StageCall, count: int) -> list[dict[str, Any]]:
+    """Fan a sharded stage out over its shards on this flow's task runner."""
     shard = shard_task.with_options(**_task_options(call.ws, call.params.orchestration))
-    futures = shard.map(stage=unmapped("candidates"), call=unmapped(call), shard_index=list(range(count)))
+    futures = shard.map(stage=unmapped(stage), call=unmapped(call), shard_index=list(range(count)))
     return [future.result() for future in futures]
 
 
@@ -227,13 +258,12 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _run_stage(stage: str, call: StageCall, cached: bool) -> str:
-    """Run one stage task (or the candidates fan-out + merge); returns the task's state name."""
+    """Run one stage task (for a sharded stage: the fan-out over shards, then the merge); returns the
+    task's state name."""
     options = _task_options(call.ws, call.params.orchestration)
     try:
-        if stage == "candidates" and not cached:
-            count = shard_count(call.params, call.ws)
-            runner = make_task_runner(call.params.orchestration)
-            candidate_shards.with_options(task_runner=runner)(call, count)
+        if stage in SHARDED_STAGES and not cached:
+            fan_out(stage, call)
         state = stage_task.with_options(**options)(stage, call, return_state=True)
         state.result()  # raises the stage's exception when it failed
     except PigeonError as exc:

@@ -254,6 +254,8 @@ class EvaluateConfig(Section):
     alpha_ref: float = Field(0.5, ge=0.0, le=1.0, description="Fixed α_r of the 'Pigeon' row.")
     select_sweep: tuple[float, ...] = Field((0.2, 0.4, 0.6, 0.8), description="α_r swept for selection.")
     batch_size: int = Field(64, ge=1)
+    shard_size: int = Field(64, ge=1, description="Test windows per generation shard, rounded up to whole "
+                            "batches of every row so that the results never depend on it.")
     bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples for 95% intervals.")
     grid_users: int = Field(6, ge=1)
     sampling: SamplingConfig = SamplingConfig()
@@ -277,7 +279,10 @@ class TrackingConfig(Section):
 
 class OrchestrationConfig(Section):
     task_runner: Literal["thread", "dask"] = Field("thread")
-    dask_workers: int = Field(2, ge=1)
+    dask_workers: int = Field(2, ge=1, description="Worker processes of the local Dask cluster.")
+    dask_address: str | None = Field(None, description="Scheduler address of a running Dask cluster "
+                                     "(e.g. tcp://scheduler:8786, workers on GPU nodes); None starts a "
+                                     "local cluster of dask_workers processes.")
     retries: int = Field(1, ge=0)
     gpu_concurrency: int = Field(1, ge=1, description="Slots of the 'gpu' global concurrency limit.")
 

@@ -9,6 +9,7 @@ the adapter (the `<emb>` slot gets its placeholder embedding).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -60,14 +61,26 @@ def keep_all_history(model, batch, alpha_ref):
     return replace(cond, history_keep=torch.ones_like(cond.history_keep))
 
 
+def windows_per_batch(batch_size: int, samples: int) -> int:
+    """Windows generated at once when each gets ``samples`` samples (about ``batch_size`` sequences)."""
+    return max(1, batch_size // samples)
+
+
+def generation_unit(cfg: EvaluateConfig) -> int:
+    """Windows in a whole number of batches of every generative row (one sample, or the sweep)."""
+    sweep = len(cfg.select_sweep)
+    return math.lcm(windows_per_batch(cfg.batch_size, 1), windows_per_batch(cfg.batch_size, sweep))
+
+
 @torch.no_grad()
 def generate_images(model, encoder: WindowEncoder, windows: pd.DataFrame, reference_col: str, alpha_ref,
                     cfg: EvaluateConfig, seed: int, device: torch.device, image_size: int,
-                    condition_fn=None, desc: str = "generate") -> np.ndarray:
-    """→ uint8 [W * S, size, size, 3], row = window i * S + sample s (S = len(alpha_ref) for a sweep)."""
+                    condition_fn=None, desc: str = "generate") -> tuple[np.ndarray, torch.Tensor]:
+    """→ (uint8 [W * S, size, size, 3], codes [W * S, T]), row = window i * S + sample s (S = len(alpha_ref)
+    for a sweep). The batch starting at window i draws from ``seed + i``."""
     samples = len(alpha_ref) if isinstance(alpha_ref, (list, tuple)) else 1
-    per_batch = max(1, cfg.batch_size // samples)
-    out = []
+    per_batch = windows_per_batch(cfg.batch_size, samples)
+    images, codes = [], []
     for start in tqdm(range(0, len(windows), per_batch), desc=desc, leave=False):
         rows = windows.iloc[start : start + per_batch]
         batch = encoder.batch(rows, reference_col=reference_col, target_col=None).to(device)
@@ -76,8 +89,11 @@ def generate_images(model, encoder: WindowEncoder, windows: pd.DataFrame, refere
             result = model.generate(batch, alpha_ref=list(alpha_ref) if samples > 1 else alpha_ref,
                                     num_samples=samples, sampling=cfg.sampling, seed=seed + start, cond=cond)
             pixels = model.decode(result.codes)
-        out.append(to_uint8(pixels, image_size))
-    return np.concatenate(out) if out else np.zeros((0, image_size, image_size, 3), np.uint8)
+        images.append(to_uint8(pixels, image_size))
+        codes.append(result.codes.cpu())
+    if not images:
+        return np.zeros((0, image_size, image_size, 3), np.uint8), torch.zeros((0, 0), dtype=torch.long)
+    return np.concatenate(images), torch.cat(codes)
 
 
 class RewardSelector:

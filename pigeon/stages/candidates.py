@@ -9,9 +9,9 @@ over shards).
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from pigeon.io import tree_hash, write_json
 from pigeon.models.loading import load_pigeon
 from pigeon.paths import Workspace
 from pigeon.runtime import resolve_device
+from pigeon.shards import drop_shards_beyond
 from pigeon.stages.stage1 import inputs_fingerprint, window_encoder
 from pigeon.training.candidates import (
     CandidatePlan,
@@ -62,6 +63,15 @@ def open_run(params: Params, ws: Workspace) -> CandidateRun:
     return CandidateRun(plan, run_id, resolve_device(params.device))
 
 
+def shard_count(params: Params, ws: Workspace) -> int:
+    return open_run(params, ws).plan.num_shards
+
+
+def shard_outputs(ws: Workspace, shard_index: int) -> list[Path]:
+    """The files and folder one shard writes (the flow records their hashes)."""
+    return list(shard_files(ws.candidates, shard_index))
+
+
 def generate_shard(params: Params, ws: Workspace, shard_index: int, run: CandidateRun | None = None) -> dict:
     """Generate, decode and write one shard unless it is already complete; returns its timing."""
     run = run or open_run(params, ws)
@@ -87,9 +97,7 @@ def write_index(params: Params, ws: Workspace, shard_reports: list[dict], second
     missing = [i for i in range(plan.num_shards) if not shard_complete(ws.candidates, i, plan.shard(i), run.fingerprint)]
     if missing:
         raise PigeonError(f"{ws.candidates}: shard(s) {missing[:5]} missing or incomplete; run the candidates stage")
-    for path in list(ws.candidates.glob("shard-*")) + list((ws.candidates / "images").glob("shard-*")):
-        if int(path.name.split("-")[1].split(".")[0]) >= plan.num_shards:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    drop_shards_beyond(plan.num_shards, ws.candidates, ws.candidates / "images")
     generated = sum(r["candidates"] for r in shard_reports)
     generation_seconds = sum(r["generation_seconds"] for r in shard_reports)
     index = {

@@ -1,7 +1,11 @@
 """Stage ``evaluate``: generate every test image with every method and score it (DESIGN.md §5).
 
-Reads the raw items, the test and training windows, ``models/{foundation,stage1,dpo,evaluators}``;
-writes (each atomically) ``reports/samples/test/`` (one PNG per generated image + ``index.csv``),
+Reads the raw items, the test and training windows, ``models/{foundation,stage1,dpo,evaluators}``.
+Generation is sharded: ``artifacts/evaluate/shard-XXXXX.{safetensors,json}`` hold each shard's
+generated codes and images (:mod:`pigeon.evaluation.generation`). A shard already complete for the
+same inputs is kept, so an interrupted run redoes only the missing shards; :func:`generate_shard`
+makes one shard on its own (the Prefect flow maps over shards). From all shards it then writes
+(each atomically) ``reports/samples/test/`` (one PNG per generated image + ``index.csv``),
 ``reports/plots/*.csv``, ``reports/grid_<protocol>.png``, ``reports/results.md`` and, last,
 ``reports/metrics.json``: ``metrics[protocol][method][metric]`` means, ``metrics["ci95"]`` their
 bootstrap intervals, ``metrics["evaluators"]`` the evaluators' held-out accuracies.
@@ -10,26 +14,28 @@ bootstrap intervals, ``metrics["evaluators"]`` the evaluators' held-out accuraci
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from tqdm.auto import tqdm
 
 from pigeon.config import Params
 from pigeon.data.raw import load_images, png_bytes, read_items
 from pigeon.data.users import history_columns, read_windows
-from pigeon.errors import DataError
+from pigeon.errors import DataError, PigeonError
 from pigeon.evaluation.evaluators import load_evaluator, pretrained_encoders
-from pigeon.evaluation.methods import (
-    METHODS,
-    PROTOCOLS,
-    SELECT_WEIGHTS,
-    MethodImages,
-    RewardSelector,
-    baseline_images,
-    generate_images,
-    keep_all_history,
-    select_best,
+from pigeon.evaluation.generation import (
+    generate_rows,
+    method_images,
+    missing_shards,
+    read_rows,
+    shard_size,
+    window_ids,
 )
+from pigeon.evaluation.methods import METHODS, PROTOCOLS, SELECT_WEIGHTS, RewardSelector
 from pigeon.evaluation.metrics import WindowScorer, frechet_with_ci
 from pigeon.evaluation.report import (
     HEADLINE,
@@ -40,15 +46,24 @@ from pigeon.evaluation.report import (
     write_grid,
     write_results_md,
 )
-from pigeon.io import atomic_dir, read_json, write_json
-from pigeon.models.batching import WindowEncoder, cached_item_codes
-from pigeon.models.loading import load_pigeon
+from pigeon.io import atomic_dir, read_json, tree_hash, write_json
+from pigeon.models.loading import load_backbone
 from pigeon.paths import Workspace
-from pigeon.runtime import resolve_device, seed_everything
+from pigeon.runtime import resolve_device
+from pigeon.shards import (
+    ShardPlan,
+    drop_shards_beyond,
+    tensor_shard_complete,
+    tensor_shard_files,
+    write_tensor_shard,
+)
+from pigeon.stages.stage1 import inputs_fingerprint
+from pigeon.training.checkpoint import fingerprint
 
 SUBSET_STREAM = 11  # the test subset comes from (seed, 11), independent of any other draw
 FRECHET_RESAMPLES = 200  # one eigenproblem per resample: capped to keep the stage short
 SWEEP_METHOD = "pigeon_sweep"  # every α_r candidate behind pigeon_select
+GENERATION_KEYS = ("alpha_ref", "select_sweep", "batch_size", "sampling")  # the evaluate keys images depend on
 SAMPLES_DIR = ("samples", "test")
 PROTOCOL_NOTES = {
     "ground_truth": "Reference = the target emoji drawn in a style other than the user's preferred one; "
@@ -65,59 +80,77 @@ def test_subset(windows: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
     return windows.iloc[pick].reset_index(drop=True)
 
 
-def _generate(params: Params, ws: Workspace, windows: pd.DataFrame, items: pd.DataFrame,
-              item_images: np.ndarray, device) -> tuple[dict, RewardSelector, dict]:
-    """Every generative row for both protocols → ({(protocol, method): MethodImages}, selector, seconds)."""
-    cfg, hl, size = params.evaluate, params.model.history_len, params.backbone.image_size
-    outputs: dict[tuple[str, str], MethodImages] = {}
-    seconds: dict[str, float] = {}
-    state: dict = {}
+@dataclass
+class EvaluationRun:
+    """What every shard of one run shares: the test windows, their shards and the inputs' fingerprint."""
 
-    def run_rows(model, method: str, alpha, condition_fn=None) -> None:
-        start = time.perf_counter()
-        encoder = WindowEncoder(model.backbone, state["codes"], items, params.model,
-                                params.backbone.lm.max_caption_tokens)
-        for p_index, (protocol, cols) in enumerate(PROTOCOLS.items()):
-            images = generate_images(model, encoder, windows, cols["reference"], alpha, cfg,
-                                     params.seed + 1_000_003 * p_index, device, size, condition_fn,
-                                     desc=f"{protocol}/{method}")
-            if isinstance(alpha, (list, tuple)):
-                candidates = images.reshape(len(windows), len(alpha), *images.shape[1:])
-                rewards = state["selector"].rewards(candidates, windows, cols["reference"], hl)
-                outputs[(protocol, method)] = select_best(candidates, tuple(alpha), rewards)
-            else:
-                outputs[(protocol, method)] = MethodImages(images, np.full(len(windows), float(alpha)))
-        seconds[method] = round(time.perf_counter() - start, 2)
+    plan: ShardPlan
+    fingerprint: str
+    device: torch.device
 
-    # Zero-shot: a fresh Pigeon head, seeded as stage 1 seeds it; its mask generator is also the
-    # "untrained mask generator" of the ablation below.
-    seed_everything(params.seed)
-    model = load_pigeon(params, ws, None, device)
-    state["codes"] = cached_item_codes(params, ws, model.backbone)
+
+def shard_folder(ws: Workspace) -> Path:
+    return ws.root / "artifacts" / "evaluate"
+
+
+def generation_fingerprint(params: Params, ws: Workspace) -> str:
+    """What a shard's images depend on: the seed, the model and generation params, the models' weights
+    and the data (the shard's window ids are checked on their own)."""
+    generation = {k: v for k, v in params.evaluate.model_dump(mode="json").items() if k in GENERATION_KEYS}
+    return fingerprint(
+        inputs_fingerprint(params, ws, (), ws.users / "windows_test.parquet", ws.raw / "items.parquet"),
+        generation, params.stage1.lora.model_dump(mode="json"),  # the zero-shot head's LoRA
+        tree_hash(ws.stage1), tree_hash(ws.dpo),
+        tree_hash(ws.raw / "images" / str(params.backbone.image_size)),
+    )
+
+
+def open_run(params: Params, ws: Workspace) -> EvaluationRun:
+    windows = test_subset(read_windows(ws, "test", params.model.history_len), params.evaluate.test_windows,
+                          params.seed)
+    if windows.empty:
+        raise DataError(f"{ws.users / 'windows_test.parquet'}: no test windows to evaluate")
+    return EvaluationRun(ShardPlan(windows, shard_size(params.evaluate)), generation_fingerprint(params, ws),
+                         resolve_device(params.device))
+
+
+def shard_count(params: Params, ws: Workspace) -> int:
+    return open_run(params, ws).plan.num_shards
+
+
+def shard_outputs(ws: Workspace, shard_index: int) -> list[Path]:
+    """The files one shard writes (the flow records their hashes)."""
+    return list(tensor_shard_files(shard_folder(ws), shard_index))
+
+
+def generate_shard(params: Params, ws: Workspace, shard_index: int, run: EvaluationRun | None = None) -> dict:
+    """Generate and write one shard unless it is already complete; returns its timing."""
+    run = run or open_run(params, ws)
+    windows, folder = run.plan.shard(shard_index), shard_folder(ws)
+    if tensor_shard_complete(folder, shard_index, window_ids(windows), run.fingerprint):
+        return {"shard": shard_index, "skipped": True, "images": 0, "generation_seconds": 0.0}
+    tensors, seconds = generate_rows(params, ws, windows, run.plan.start(shard_index), run.device)
+    write_tensor_shard(folder, shard_index, window_ids(windows), tensors,
+                       {"fingerprint": run.fingerprint, "seconds": seconds,
+                        "select_sweep": list(params.evaluate.select_sweep)})
+    return {"shard": shard_index, "skipped": False,
+            "images": sum(len(v) for k, v in tensors.items() if k.endswith("/images")),
+            "generation_seconds": round(sum(seconds.values()), 2)}
+
+
+def _method_images(params: Params, ws: Workspace, evaluation: EvaluationRun, item_images: np.ndarray,
+                   device) -> tuple[dict, dict]:
+    """Every method's images from the complete shards → ({(protocol, method): MethodImages}, seconds)."""
+    hl, plan, folder = params.model.history_len, evaluation.plan, shard_folder(ws)
+    missing = missing_shards(folder, plan, evaluation.fingerprint)
+    if missing:
+        raise PigeonError(f"{folder}: shard(s) {missing[:5]} missing or incomplete; run the evaluate stage")
+    drop_shards_beyond(plan.num_shards, folder)
+    generated, seconds = read_rows(folder, plan, params.evaluate)
     train = read_windows(ws, "train", hl)
-    state["selector"] = RewardSelector(model.backbone, item_images,
-                                       train[history_columns(hl) + ["target_item"]].to_numpy(np.int64).ravel())
-    initial_mask = {k: v.detach().clone() for k, v in model.mask_generator.state_dict().items()}
-    run_rows(model, "foundation", cfg.alpha_ref)
-    del model
-
-    model = load_pigeon(params, ws, "stage1", device)
-    run_rows(model, "stage1", cfg.alpha_ref)
-    del model
-
-    model = load_pigeon(params, ws, "dpo", device)
-    run_rows(model, "pigeon", cfg.alpha_ref)
-    run_rows(model, "pigeon_select", list(cfg.select_sweep))
-    run_rows(model, "no_history_mask", cfg.alpha_ref, keep_all_history)
-    model.mask_generator.load_state_dict(initial_mask)
-    run_rows(model, "untrained_mask_generator", cfg.alpha_ref)
-    del model
-
-    no_adapter = params.model_copy(update={"model": params.model.model_copy(update={"use_adapter": False})})
-    model = load_pigeon(no_adapter, ws, "dpo", device)
-    run_rows(model, "no_adapter", cfg.alpha_ref)
-    del model
-    return outputs, state["selector"], seconds
+    selector = RewardSelector(load_backbone(params, ws, device), item_images,
+                              train[history_columns(hl) + ["target_item"]].to_numpy(np.int64).ravel())
+    return method_images(generated, plan.windows, params.evaluate, selector, item_images, hl), seconds
 
 
 def _window_rows(windows: pd.DataFrame, items: pd.DataFrame, protocol: str) -> pd.DataFrame:
@@ -211,24 +244,21 @@ def _write_grids(ws, params, windows, items, item_images, outputs) -> list[str]:
 
 def run(params: Params, ws: Workspace) -> dict:
     cfg, hl = params.evaluate, params.model.history_len
-    device = resolve_device(params.device)
+    evaluation = open_run(params, ws)
+    start = time.perf_counter()
+    reports = [generate_shard(params, ws, i, evaluation)
+               for i in tqdm(range(evaluation.plan.num_shards), desc="evaluate", unit="shard")]
+    generation_seconds = round(time.perf_counter() - start, 2)
+
+    device, windows = evaluation.device, evaluation.plan.windows
     items = read_items(ws.raw)
     item_images = load_images(ws.raw, params.backbone.image_size, items)
-    windows = test_subset(read_windows(ws, "test", hl), cfg.test_windows, params.seed)
-    if windows.empty:
-        raise DataError(f"{ws.users / 'windows_test.parquet'}: no test windows to evaluate")
     evaluator = load_evaluator(ws.evaluators, device)
     evaluator_report = read_json(ws.evaluators / "metrics.json")
     pretrained = pretrained_encoders(params.evaluators, device)
     needed = windows[history_columns(hl) + [c for p in PROTOCOLS.values() for c in p.values()]]
     scorer = WindowScorer(evaluator, item_images, items, pretrained, needed.to_numpy(np.int64).ravel())
-
-    start = time.perf_counter()
-    outputs, selector, seconds = _generate(params, ws, windows, items, item_images, device)
-    for protocol, cols in PROTOCOLS.items():
-        for method in ("reference_copy", "nearest_history"):
-            outputs[(protocol, method)] = baseline_images(method, windows, cols["reference"], item_images, selector, hl)
-    generation_seconds = round(time.perf_counter() - start, 2)
+    outputs, seconds = _method_images(params, ws, evaluation, item_images, device)
 
     metric_list = HEADLINE + pretrained_metrics(sorted(pretrained))
     index, values, intervals, sweep_curves, chosen = _score_all(params, windows, items, outputs, scorer, metric_list)
@@ -261,4 +291,5 @@ def run(params: Params, ws: Workspace) -> dict:
                                                                   "history_similarity", "frechet_distance")}
                 for p in PROTOCOLS}
     return {"stage": "evaluate", "test_windows": len(windows), "images": len(index), "grids": grids,
+            "shards": evaluation.plan.num_shards, "shards_skipped_this_run": sum(r["skipped"] for r in reports),
             "generation_seconds": generation_seconds, **headline}

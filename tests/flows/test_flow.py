@@ -118,8 +118,9 @@ def first_run(prefect_api, tmp_path_factory):
 def test_first_run_runs_every_stage_and_returns_the_metrics(first_run):
     root, metrics, tasks = first_run
     assert set(_stage_states(tasks).values()) == {"Completed"}
-    shards = [name for name in tasks if name.startswith("candidates-shard-")]
-    assert len(shards) >= 2 and all(tasks[name] == "Completed" for name in shards)  # the fan-out ran
+    for stage in ("candidates", "evaluate"):  # the fan-out of each sharded stage ran
+        shards = [name for name in tasks if name.startswith(f"{stage}-shard-")]
+        assert len(shards) >= 2 and all(tasks[name] == "Completed" for name in shards), (stage, tasks)
     assert metrics and metrics == json.loads((root / "reports" / "metrics.json").read_text())
     records = {p.name.rsplit("-", 1)[0] for p in (root / ".prefect-results").iterdir()}
     assert set(STAGES) <= records  # every stage's result persisted for the next process

@@ -201,6 +201,59 @@ def test_evaluate_stage_writes_every_output(smoke):
     gt = index[(index["protocol"] == "ground_truth") & (index["method"] == "reference_copy")]
     assert (gt["reference_style"] != gt["preferred_style"]).all()
 
+    # Generation ran in shards (the smoke profile makes several), each kept as codes + images.
+    shards = sorted((ws.root / "artifacts" / "evaluate").glob("shard-*.json"))
+    assert len(shards) == -(-n // params.evaluate.shard_size) >= 2
+    first_ids = index["window_id"].astype(str).tolist()[: params.evaluate.shard_size]
+    assert read_json(shards[0])["window_ids"] == first_ids
+
     results = (ws.reports / "results.md").read_text()
     assert "simulated" in results and "**" in results and "the paper selected with its evaluation model" in results
     assert all(f"| {method} |" in results for method in METHODS)
+
+
+def test_evaluation_shards_give_the_same_images_whatever_the_shard_size(tmp_path):
+    """Shards of 4 windows and one shard of 12 generate the same codes and images for every row, and a
+    lost shard is made again on its own, byte for byte."""
+    import torch
+
+    from pigeon.evaluation.generation import shard_size
+    from pigeon.io import file_md5
+    from pigeon.models.loading import load_pigeon
+    from pigeon.shards import read_tensor_shard, tensor_shard_files
+    from pigeon.stages import evaluate
+    from tests.conftest import smoke_params, untrained_workspace
+
+    torch.set_num_threads(1)  # as the smoke fixture: threads only contend on a small shared CPU
+    params = smoke_params()
+    assert params.evaluate.batch_size == 4 and len(params.evaluate.select_sweep) == 2
+    assert shard_size(params.evaluate.model_copy(update={"shard_size": 5})) == 8  # whole batches only
+    ws = untrained_workspace(tmp_path, params)
+    load_pigeon(params, ws, None, "cpu").save_trainable(ws.dpo)  # an untrained head stands in for DPO
+    folder = evaluate.shard_folder(ws)
+
+    def generate(size: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
+        evaluate_cfg = params.evaluate.model_copy(update={"shard_size": size})
+        sized = params.model_copy(update={"evaluate": evaluate_cfg})
+        run = evaluate.open_run(sized, ws)
+        reports = [evaluate.generate_shard(sized, ws, i, run) for i in range(run.plan.num_shards)]
+        shards = [read_tensor_shard(folder, i)[1] for i in range(run.plan.num_shards)]
+        return reports, {key: torch.cat([shard[key] for shard in shards]) for key in shards[0]}
+
+    whole_reports, whole = generate(12)
+    sharded_reports, sharded = generate(4)
+    assert len(whole_reports) == 1 and len(sharded_reports) == 3
+    assert len(whole) == 2 * 7 * 2  # protocols × generative rows × (codes, images)
+    assert whole["paper/pigeon_select/codes"].shape[0] == 12 * 2  # every window × the selection sweep
+    for key, value in whole.items():
+        assert torch.equal(sharded[key], value), key
+    # Seeds differ by protocol and by batch: the rows are not copies of one another.
+    assert not torch.equal(whole["paper/pigeon/codes"], whole["ground_truth/pigeon/codes"])
+    assert not torch.equal(whole["paper/pigeon/codes"][:4], whole["paper/pigeon/codes"][4:8])
+
+    tensors_path, json_path = tensor_shard_files(folder, 1)
+    before = file_md5(tensors_path)
+    json_path.unlink()  # shard 1 was interrupted before its JSON: it alone is made again
+    again, _ = generate(4)
+    assert [r["skipped"] for r in again] == [True, False, True]
+    assert file_md5(tensors_path) == before
