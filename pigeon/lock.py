@@ -140,14 +140,14 @@ def _acquire(path: Path, stage: str) -> _Hold:
 
 
 def _join(path: Path, token: str) -> _Hold | None:
-    """Join a live hold whose token we were given (a helper process of the holder)."""
+    """Join a live hold whose token we were given (a helper process of the holder: a thread, a local
+    Dask worker, or a Dask worker on another node sharing the workspace). On the holder's host the
+    holder must be alive; from another host its process cannot be checked, and the token, which the
+    holder hands only to its own tasks, is what admits the worker."""
     info = read_holder(path)
-    if (
-        info
-        and secrets.compare_digest(str(info.get("token", "")), token)
-        and info.get("host") == socket.gethostname()
-        and _pid_alive(int(info["pid"]))
-    ):
+    if not info or not secrets.compare_digest(str(info.get("token", "")), token):
+        return None
+    if info.get("host") != socket.gethostname() or _pid_alive(int(info["pid"])):
         return _Hold(fd=None, info=info)
     return None
 

@@ -136,3 +136,23 @@ def test_reentrant_within_a_process_and_joinable_by_token(tmp_path):
         assert read_holder(ws.lock)["pid"] == os.getpid()  # a joiner leaves the hold as it was
     assert read_holder(ws.lock) is None
     assert _try_lock(tmp_path).startswith("acquired")
+
+
+def test_a_worker_on_another_node_joins_with_the_token_only(tmp_path, monkeypatch):
+    """A Dask worker on another host shares the workspace: it cannot see the holder's process, so the
+    token alone admits it; without it the hold refuses it."""
+    import pigeon.lock
+
+    holder, info = _start_holder(tmp_path, "flow retrain")
+    try:
+        monkeypatch.setattr(pigeon.lock.socket, "gethostname", lambda: "another-node")
+        ws = Workspace.at(tmp_path)
+        with workspace_lock(ws, "candidates shard 0", token=info["token"]) as joined:
+            assert joined["pid"] == info["pid"] and joined["host"] == info["host"]
+        with pytest.raises(LockError, match="is locked by"):
+            with workspace_lock(ws, "candidates shard 0", token="not-the-token"):
+                pass
+        assert read_holder(ws.lock)["pid"] == info["pid"]  # the joiner left the hold as it was
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
