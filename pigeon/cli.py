@@ -22,6 +22,7 @@ def _add_params_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
+    from pigeon.distributed import is_main
     from pigeon.paths import Workspace
     from pigeon.runtime import seed_everything, setup_torch
     from pigeon.stages import run_stage
@@ -30,7 +31,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     setup_torch(params.threads)
     seed_everything(params.seed)
     result = run_stage(args.name, params, Workspace.at(args.workspace))
-    print(json.dumps(result, indent=None, default=str))
+    if is_main():  # under `accelerate launch`, one summary for the run
+        print(json.dumps(result, indent=None, default=str))
     return 0
 
 

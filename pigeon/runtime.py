@@ -44,8 +44,11 @@ def free_cores() -> int:
 def setup_torch(threads: int = 0) -> None:
     import torch
 
-    # Oversubscribed OpenMP threads on a busy box were measured 3–100× slower than one.
-    torch.set_num_threads(threads or free_cores())
+    from pigeon.distributed import local_world_size
+
+    # Oversubscribed OpenMP threads on a busy box were measured 3–100× slower than one; processes
+    # started side by side by `accelerate launch` share the free cores.
+    torch.set_num_threads(threads or max(1, free_cores() // local_world_size()))
 
 
 def resolve_device(name: str = "auto") -> "torch.device":

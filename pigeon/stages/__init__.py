@@ -1,12 +1,15 @@
 """One module per pipeline stage; each exposes ``run(params, ws) -> dict`` (a small JSON summary).
 
 The CLI (``pigeon stage NAME``), ``dvc.yaml`` and the Prefect flow all call :func:`run_stage`.
+Under ``accelerate launch`` (pigeon.distributed) every process runs the stage; only the main one
+holds the workspace lock, opens the MLflow run and records the timing.
 """
 
 from __future__ import annotations
 
 import importlib
 import time
+from types import ModuleType
 from typing import Any
 
 from pigeon.config import Params
@@ -30,13 +33,28 @@ STAGES = (
 def run_stage(name: str, params: Params, ws: Workspace) -> dict[str, Any]:
     if name not in STAGES:
         raise PigeonError(f"unknown stage {name!r} (stages: {', '.join(STAGES)})")
+    from pigeon import distributed
+
+    distributed.start(name, params.device)
+    module = importlib.import_module(f"pigeon.stages.{name}")
+    if distributed.is_main():
+        result = _run_tracked(name, module, params, ws)
+    else:  # another process of `accelerate launch`: no lock, no MLflow, no files
+        distributed.barrier()  # until the main process holds the lock and has opened the MLflow run
+        result = module.run(params, ws) or {}
+    distributed.finish()
+    return result
+
+
+def _run_tracked(name: str, module: ModuleType, params: Params, ws: Workspace) -> dict[str, Any]:
+    from pigeon.distributed import barrier
     from pigeon.lock import workspace_lock
     from pigeon.tracking import track_stage
 
     with workspace_lock(ws, name):  # one writer per workspace; re-entrant inside the flow's hold
-        module = importlib.import_module(f"pigeon.stages.{name}")
         # The stage's MLflow run opens (and the store is checked) before the stage does any work.
         with track_stage(name, params, ws) as tracked:
+            barrier()  # the other processes of a launched run start now
             start = time.perf_counter()
             result = module.run(params, ws) or {}
             result.setdefault("seconds", round(time.perf_counter() - start, 2))

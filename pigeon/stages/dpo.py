@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from pigeon.config import Params
+from pigeon.distributed import is_main, local_device
 from pigeon.errors import DataError
 from pigeon.io import atomic_dir, load_tensors, tree_hash, write_json
 from pigeon.models.loading import load_pigeon
@@ -50,7 +51,7 @@ def load_pairs(params: Params, ws: Workspace) -> dict[str, PairSet]:
 def run(params: Params, ws: Workspace) -> dict:
     start = time.perf_counter()
     cfg = params.dpo
-    device = resolve_device(params.device)
+    device = local_device(resolve_device(params.device))
     model = load_pigeon(params, ws, "stage1", device)
     encoder = window_encoder(params, ws, model)
     pairs = load_pairs(params, ws)
@@ -62,6 +63,8 @@ def run(params: Params, ws: Workspace) -> dict:
     num_tokens = model.backbone.tokens_per_image + 1  # codes + end-of-image, as sequence_logps scores
     result = train_dpo(model, encoder, pairs["train"], pairs["val"], trainable, cfg, params.seed, device,
                        num_tokens, checkpoint_dir, run_id)
+    if not is_main():
+        return {}  # the main process writes the outputs
     metrics = {**result.metrics, "device": str(device), "seconds": round(time.perf_counter() - start, 2)}
     levels = {"loss": {"ln 2 (policy = reference)": math.log(2)}} if cfg.loss_type == "sigmoid" else {}
     with atomic_dir(ws.dpo) as tmp:

@@ -14,6 +14,7 @@ import torch
 from pigeon.config import Params, section_dict
 from pigeon.data.raw import read_items
 from pigeon.data.users import read_windows
+from pigeon.distributed import is_main, local_device, main_process_first
 from pigeon.io import atomic_dir, file_md5, write_json
 from pigeon.models.batching import WindowEncoder, _weights_fingerprint, cached_item_codes
 from pigeon.models.loading import backbone_source, load_pigeon
@@ -25,7 +26,8 @@ from pigeon.training.stage1 import train_stage1
 
 def window_encoder(params: Params, ws: Workspace, model) -> WindowEncoder:
     """Window rows → WindowBatch for ``model``'s backbone (item codes cached per backbone + data)."""
-    codes = cached_item_codes(params, ws, model.backbone)
+    with main_process_first():  # under `accelerate launch` only the main process writes the cache
+        codes = cached_item_codes(params, ws, model.backbone)
     return WindowEncoder(model.backbone, codes, read_items(ws.raw), params.model, params.backbone.lm.max_caption_tokens)
 
 
@@ -37,7 +39,7 @@ def inputs_fingerprint(params: Params, ws: Workspace, sections: tuple[str, ...],
 
 def run(params: Params, ws: Workspace) -> dict:
     start = time.perf_counter()
-    device = resolve_device(params.device)
+    device = local_device(resolve_device(params.device))
     model = load_pigeon(params, ws, None, device)
     encoder = window_encoder(params, ws, model)
     train = read_windows(ws, "train", params.model.history_len)
@@ -47,6 +49,8 @@ def run(params: Params, ws: Workspace) -> dict:
                                 ws.users / "windows_val.parquet")
 
     result = train_stage1(model, encoder, train, val, params.stage1, params.seed, device, checkpoint_dir, run_id)
+    if not is_main():
+        return {}  # the main process writes the outputs
 
     trainables = dict(model.named_parameters())
     with torch.no_grad():  # the kept model is the best evaluation, not the last step

@@ -13,7 +13,9 @@ state.json          progress (step, counters, curve rows), optimizer param group
 
 Together with a data order that is a function of (seed, epoch) and a batch position that is a
 function of the step, restoring this state makes a killed run finish with the same weights as
-an uninterrupted one (CPU, same seed, same thread count).
+an uninterrupted one (CPU, same seed, same thread count). ``save_checkpoint``/``load_checkpoint``
+hold one optimizer, one scheduler and a set of trainables (stage 1, DPO); ``save_state``/``load_state``
+hold any tensors + JSON (the foundation's phases, whose optimizer changes from phase to phase).
 """
 
 from __future__ import annotations
@@ -51,6 +53,23 @@ def freeze_all_but(model: nn.Module, trainable: list[nn.Parameter]) -> dict[str,
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
     return named_trainables(model)
+
+
+def step_generator(seed: int, name: str, step: int) -> torch.Generator:
+    """A CPU generator seeded by (seed, name, step): independent streams, replayable after a resume."""
+    digest = hashlib.sha256(f"{seed}/{name}/{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def epoch_batch(n: int, batch_size: int, step: int, seed: int, name: str) -> torch.Tensor:
+    """Indices of batch ``step`` in a stream of per-epoch permutations of range(n) (torch-seeded)."""
+    first, last = step * batch_size, (step + 1) * batch_size
+    parts = []
+    for epoch in range(first // n, (last - 1) // n + 1):
+        perm = torch.randperm(n, generator=step_generator(seed, f"{name}/epoch", epoch))
+        lo, hi = max(first - epoch * n, 0), min(last - epoch * n, n)
+        parts.append(perm[lo:hi])
+    return torch.cat(parts)
 
 
 def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
@@ -95,7 +114,8 @@ def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 # --- optimizer / scheduler ------------------------------------------------------------------------
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as ``optimizer.<idx>.<key>`` tensors + JSON-able param groups and scalars."""
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -108,7 +128,8 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Restore what :func:`optimizer_tensors` returned."""
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -117,10 +138,40 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     for index, entry in meta["scalars"].items():
         state.setdefault(int(index), {}).update(entry)
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 # --- save / load ----------------------------------------------------------------------------------
+def _latest_dir(folder: Path) -> Path | None:
+    for latest in (Path(folder) / LATEST, Path(folder) / f".{LATEST}.old"):
+        # atomic_dir swaps through `.latest.old`: a kill inside the swap leaves only the previous one.
+        if (latest / STATE_JSON).is_file():
+            return latest
+    return None
+
+
+def save_state(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write ``tensors`` and ``meta`` with the global RNG states to ``folder/latest`` (replaced whole)."""
+    rng_tensors, rng_meta = _capture_rng()
+    with atomic_dir(Path(folder) / LATEST) as tmp:
+        save_tensors(tmp / STATE_TENSORS, {**tensors, **rng_tensors})
+        atomic_write_text(tmp / STATE_JSON, json.dumps({**meta, "rng": rng_meta}, sort_keys=True))
+
+
+def load_state(folder: Path, run_fingerprint: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """``(tensors, meta)`` saved by :func:`save_state` for the run ``run_fingerprint``, with the global RNG
+    states restored; None when there is no checkpoint or it belongs to a run with another config or inputs."""
+    latest = _latest_dir(folder)
+    if latest is None:
+        return None
+    meta = read_json(latest / STATE_JSON)
+    tensors = load_tensors(latest / STATE_TENSORS)  # read first: a torn file is an error, never skipped
+    if meta.get("fingerprint") != run_fingerprint:
+        return None
+    _restore_rng(tensors, meta["rng"])
+    return tensors, meta
+
+
 def save_checkpoint(
     folder: Path,
     trainables: dict[str, nn.Parameter],
@@ -132,21 +183,12 @@ def save_checkpoint(
 ) -> None:
     """Write the whole training state to ``folder/latest`` (atomically replaced)."""
     tensors = {f"param.{name}": p.detach() for name, p in trainables.items()}
-    optim_tensors, optim_meta = _flatten_optimizer(optimizer)
-    rng_tensors, rng_meta = _capture_rng()
+    optim_tensors, optim_meta = optimizer_tensors(optimizer)
     tensors.update(optim_tensors)
-    tensors.update(rng_tensors)
     tensors.update({f"extra.{k}": v for k, v in (extra_tensors or {}).items()})
-    meta = {
-        "fingerprint": run_fingerprint,
-        "progress": progress,
-        "optimizer": optim_meta,
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_meta,
-    }
-    with atomic_dir(Path(folder) / LATEST) as tmp:
-        save_tensors(tmp / STATE_TENSORS, tensors)
-        atomic_write_text(tmp / STATE_JSON, json.dumps(meta, sort_keys=True))
+    meta = {"fingerprint": run_fingerprint, "progress": progress, "optimizer": optim_meta,
+            "scheduler": scheduler.state_dict()}
+    save_state(folder, tensors, meta)
 
 
 def load_checkpoint(
@@ -161,28 +203,22 @@ def load_checkpoint(
     Returns ``(progress, extra_tensors)``, or None when there is no checkpoint or it belongs to a
     run with another config or other inputs (then training starts over).
     """
-    latest = Path(folder) / LATEST
-    if not (latest / STATE_JSON).is_file():
-        # atomic_dir swaps through `.latest.old`: a kill inside the swap leaves only the previous one.
-        latest = Path(folder) / f".{LATEST}.old"
-        if not (latest / STATE_JSON).is_file():
-            return None
-    meta = read_json(latest / STATE_JSON)
-    if meta.get("fingerprint") != run_fingerprint:
+    found = load_state(folder, run_fingerprint)
+    if found is None:
         return None
-    tensors = load_tensors(latest / STATE_TENSORS)
+    tensors, meta = found
+    source = _latest_dir(folder) / STATE_TENSORS
     saved = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
     if set(saved) != set(trainables):
         missing = sorted(set(trainables) ^ set(saved))[:3]
-        raise CheckpointError(f"{latest / STATE_TENSORS}: trainable parameters differ from the model ({missing})")
+        raise CheckpointError(f"{source}: trainable parameters differ from the model ({missing})")
     with torch.no_grad():
         for name, p in trainables.items():
             if saved[name].shape != p.shape:
-                raise CheckpointError(f"{latest / STATE_TENSORS}: {name} has shape {tuple(saved[name].shape)}")
+                raise CheckpointError(f"{source}: {name} has shape {tuple(saved[name].shape)}")
             p.copy_(saved[name].to(p.device))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    load_optimizer(optimizer, tensors, meta["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])
-    _restore_rng(tensors, meta["rng"])
     extra = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
     return meta["progress"], extra
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from pigeon.config import DPOConfig
+from pigeon.distributed import DataParallel, is_main
 from pigeon.errors import PigeonError
 from pigeon.runtime import autocast
 from pigeon.training.checkpoint import (
@@ -99,15 +101,18 @@ class PairSet:
         return len(self.windows)
 
 
-def pair_logps(model, encoder, pairs: PairSet, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the chosen and rejected codes of ``rows``, in one forward over 2·B sequences."""
+def pair_logps(model, encoder, pairs: PairSet, rows: np.ndarray, device: torch.device,
+               sequence_logps: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the chosen and rejected codes of ``rows``, in one forward over 2·B sequences
+    (through ``sequence_logps``, e.g. a ``DataParallel.forward``; ``model.sequence_logps`` by default)."""
     index = torch.as_tensor(rows, dtype=torch.long)
     batch = encoder.batch(pairs.windows.iloc[rows], target_col=None)
     both = torch.arange(len(rows)).repeat(2)  # chosen rows, then the same rows for rejected
     codes = torch.cat([pairs.chosen_codes[index], pairs.rejected_codes[index]])
     cond = pairs.conditioning.select(index).select(both)
     with autocast(device):
-        logps = model.sequence_logps(batch.select(both).to(device), codes.to(device), cond.to(device))
+        logps = (sequence_logps or model.sequence_logps)(batch.select(both).to(device), codes.to(device),
+                                                         cond.to(device))
     logps = logps.float()
     return logps[: len(rows)], logps[len(rows) :]
 
@@ -166,6 +171,7 @@ def train_dpo(
     steps_per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, total_steps)  # trl's default schedule
+    dp = DataParallel(model, "sequence_logps", device)
     eval_batch = cfg.batch_size * 2
 
     resumed = load_checkpoint(checkpoint_dir, trainables, optimizer, scheduler, run_fingerprint)
@@ -182,29 +188,32 @@ def train_dpo(
     resumed_from_step = None if resumed is None else start_step
 
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=start_step, desc="dpo", unit="step")
+    bar = tqdm(total=total_steps, initial=start_step, desc="dpo", unit="step", disable=not is_main())
     for step in range(start_step, total_steps):
-        rows = batch_rows(seed, step, len(train_pairs), cfg.batch_size)
-        chosen, rejected = pair_logps(model, encoder, train_pairs, rows, device)
+        # Every process draws the same global batch and trains on its share of the pairs.
+        rows, weight = dp.split(batch_rows(seed, step, len(train_pairs), cfg.batch_size))
+        dp.seed_step(seed, step)
+        chosen, rejected = pair_logps(model, encoder, train_pairs, rows, device, dp.forward)
         index = torch.as_tensor(rows)
         out = dpo_loss(chosen, rejected, ref_train[0][index].to(device), ref_train[1][index].to(device),
                        cfg.beta, cfg.loss_type, num_tokens)
         loss = out.losses.mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        dp.backward(loss, weight)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
-        row = {"step": step + 1, **dpo_metrics(out), "grad_norm": float(grad_norm),
+        row = {"step": step + 1, **dp.batch_mean(dpo_metrics(out), weight), "grad_norm": float(grad_norm),
                "lr": scheduler.get_last_lr()[0]}
         if step == 0:  # policy == reference before the first update: log-ratios must be 0
-            row["initial_logp_gap"] = float(torch.cat([chosen.detach().cpu() - ref_train[0][index],
-                                                       rejected.detach().cpu() - ref_train[1][index]]).abs().max())
+            gap = torch.cat([chosen.detach().cpu() - ref_train[0][index],
+                             rejected.detach().cpu() - ref_train[1][index]])
+            row["initial_logp_gap"] = dp.batch_max(float(gap.abs().max()))
         progress["rows"].append(row)
         progress["step"] = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps:
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps and is_main():
             save_checkpoint(checkpoint_dir, trainables, optimizer, scheduler, progress, run_fingerprint, {
                 "ref_train_chosen": ref_train[0], "ref_train_rejected": ref_train[1],
                 "ref_val_chosen": ref_val[0], "ref_val_rejected": ref_val[1]})
@@ -224,6 +233,7 @@ def train_dpo(
         "steps": total_steps,
         "train_seconds_this_run": round(seconds, 2),
         "resumed_from_step": resumed_from_step,
+        "world_size": dp.world_size,
         "first_loss": rows[0]["loss"],
         "final_loss": rows[-1]["loss"],
         "initial_logp_gap": rows[0].get("initial_logp_gap"),

@@ -28,12 +28,12 @@ from pigeon.errors import DataError
 from pigeon.models.tiny import TinyBackbone
 from pigeon.models.vq import decode_latents, init_codebook_from_data, quantize, reseed_dead_codes
 from pigeon.runtime import autocast
-from pigeon.training import (
+from pigeon.training.checkpoint import (
     epoch_batch,
-    load_checkpoint,
-    load_optimizer_state,
-    optimizer_state,
-    save_checkpoint,
+    load_optimizer,
+    load_state,
+    optimizer_tensors,
+    save_state,
     step_generator,
 )
 
@@ -113,25 +113,22 @@ class FoundationTrainer:
     # --- checkpoints ----------------------------------------------------------------------------
     def _save(self) -> None:
         tensors = {f"model.{k}": v for k, v in self.model.base_state_dict().items()}
-        groups = []
+        optimizer_meta = None
         if self.optimizer is not None:
-            opt_tensors, groups = optimizer_state(self.optimizer, "optimizer.")
+            opt_tensors, optimizer_meta = optimizer_tensors(self.optimizer)
             tensors.update(opt_tensors)
         tensors["vq_usage"] = self.usage
         if self.codes is not None:
             tensors["codes"], tensors["holdout_codes"] = self.codes, self.holdout_codes
         meta = {"fingerprint": self.fingerprint, "phase": self.state.phase, "step": self.state.step,
-                "curves": self.state.curves, "seconds": self.state.seconds, "optimizer_groups": groups}
-        save_checkpoint(self.checkpoint_dir, tensors, meta)
+                "curves": self.state.curves, "seconds": self.state.seconds, "optimizer": optimizer_meta}
+        save_state(self.checkpoint_dir, tensors, meta)
 
     def _resume(self) -> None:
-        found = load_checkpoint(self.checkpoint_dir)
+        found = load_state(self.checkpoint_dir, self.fingerprint)
         if found is None:
             return
         tensors, meta = found
-        if meta.get("fingerprint") != self.fingerprint:
-            tqdm.write(f"foundation: ignoring checkpoint in {self.checkpoint_dir} (other params or data)")
-            return
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         self.model.load_state_dict(model_state, strict=True)
         self.state = Progress(meta["phase"], meta["step"], meta["curves"], meta["seconds"])
@@ -139,9 +136,9 @@ class FoundationTrainer:
         if "codes" in tensors:
             self.codes = tensors["codes"].to(self.device)
             self.holdout_codes = tensors["holdout_codes"].to(self.device)
-        if meta["optimizer_groups"]:
+        if meta["optimizer"]:
             self.optimizer = self._make_optimizer(self.state.phase)
-            load_optimizer_state(self.optimizer, tensors, meta["optimizer_groups"], "optimizer.")
+            load_optimizer(self.optimizer, tensors, meta["optimizer"])
         self.resumed_from = (self.state.phase, self.state.step)
         tqdm.write(f"foundation: resuming at {self.state.phase} step {self.state.step}")
 

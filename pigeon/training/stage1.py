@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from pigeon.config import Stage1Config
+from pigeon.distributed import DataParallel, is_main
 from pigeon.errors import DataError
 from pigeon.runtime import autocast
 from pigeon.training.checkpoint import batch_rows, freeze_all_but, load_checkpoint, save_checkpoint
@@ -44,19 +45,22 @@ def validation_subset(windows: pd.DataFrame, size: int, seed: int) -> tuple[pd.D
 
 @torch.no_grad()
 def validation_loss(model, encoder, windows: pd.DataFrame, alpha_ref: torch.Tensor, batch_size: int,
-                    device: torch.device) -> float:
-    """Window-weighted mean stage-1 loss on ``windows`` under the fixed α_r."""
+                    device: torch.device, dp: DataParallel | None = None) -> float:
+    """Window-weighted mean stage-1 loss on ``windows`` under the fixed α_r (with ``dp``, the processes
+    share the batches and add up their sums)."""
     was_training = model.training
     model.eval()
     total = 0.0
-    for start in range(0, len(windows), batch_size):
+    for index, start in enumerate(range(0, len(windows), batch_size)):
+        if dp is not None and not dp.owns(index):
+            continue
         batch = encoder.batch(windows.iloc[start : start + batch_size]).to(device)
         with autocast(device):
             cond = model.condition(batch, alpha_ref=alpha_ref[start : start + batch_size].to(device), training=True)
             loss, _ = model.loss(batch, cond)
         total += float(loss) * len(batch)
     model.train(was_training)
-    return total / len(windows)
+    return (total if dp is None else dp.sum(total)) / len(windows)
 
 
 @dataclass
@@ -92,9 +96,10 @@ def train_stage1(
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps), total_steps)
+    dp = DataParallel(model, "loss", device)
 
-    def evaluate() -> float:
-        return validation_loss(model, encoder, val_subset, val_alpha, cfg.batch_size, device)
+    def evaluate() -> float:  # the same figure on every process: early stopping stops them all
+        return validation_loss(model, encoder, val_subset, val_alpha, cfg.batch_size, device, dp)
 
     resumed = load_checkpoint(checkpoint_dir, trainables, optimizer, scheduler, run_fingerprint)
     if resumed is None:
@@ -108,18 +113,23 @@ def train_stage1(
 
     model.train()
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=progress["step"], desc="stage1", unit="step")
+    bar = tqdm(total=total_steps, initial=progress["step"], desc="stage1", unit="step", disable=not is_main())
     for step in range(progress["step"], total_steps):
-        batch = encoder.batch(train_windows.iloc[batch_rows(seed, step, len(train_windows), cfg.batch_size)])
+        # Every process draws the same global batch and trains on its share of the rows.
+        rows, weight = dp.split(batch_rows(seed, step, len(train_windows), cfg.batch_size))
+        dp.seed_step(seed, step)
+        batch = encoder.batch(train_windows.iloc[rows])
         with autocast(device):
-            loss, logs = model.loss(batch.to(device))
+            loss, logs = dp.forward(batch.to(device))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        dp.backward(loss, weight)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
-        row = {"step": step + 1, "train_loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-               "grad_norm": float(grad_norm), **{k: float(v) for k, v in logs.items() if k != "loss"}}
+        figures = {"train_loss": loss.item(), **{k: float(v) for k, v in logs.items() if k != "loss"}}
+        figures = dp.batch_mean(figures, weight)  # means over the global batch, whatever the world size
+        row = {"step": step + 1, "train_loss": figures.pop("train_loss"), "lr": scheduler.get_last_lr()[0],
+               "grad_norm": float(grad_norm), **figures}
         progress["step"] = step + 1
         if (step + 1) % cfg.eval_every == 0 or step + 1 == total_steps:
             row["val_loss"] = evaluate()
@@ -134,7 +144,7 @@ def train_stage1(
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", best_val=f"{progress['best_val_loss'] or math.nan:.3f}")
         if progress["stopped_early"]:
             break
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps:
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps and is_main():
             save_checkpoint(checkpoint_dir, trainables, optimizer, scheduler, progress, run_fingerprint, best_weights)
     bar.close()
 
@@ -153,5 +163,6 @@ def train_stage1(
         "final_train_loss": rows[-1]["train_loss"],
         "train_seconds_this_run": round(time.perf_counter() - start, 2),
         "resumed_from_step": resumed_from_step,
+        "world_size": dp.world_size,
     }
     return Stage1Result(best_weights, metrics, rows)
