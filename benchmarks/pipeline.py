@@ -1,5 +1,6 @@
 """The pipeline: each stage's wall time and peak memory in the last run (``.pigeon/timings.jsonl``, written
-by every stage), the no-op ``dvc repro``, and a fully cached Prefect flow run, in this workspace."""
+by every stage) and the no-op ``dvc repro`` in this workspace; a Prefect flow run in a fresh process, then
+the same run fully cached, with a temporary server and against a running one (``--flow-profile``)."""
 
 from __future__ import annotations
 
@@ -30,24 +31,57 @@ def stage_rows(root: Path = ROOT) -> list[dict]:
     return rows
 
 
-def timed(cmd: list[str], root: Path = ROOT) -> float:
+def timed(cmd: list[str], root: Path = ROOT, env: dict[str, str] | None = None) -> float:
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=root, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(root)})
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(root), **(env or {})})
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
     return time.perf_counter() - start
+
+
+def flow_rows(profile: str, workspace: Path) -> list[dict]:
+    """A flow run in a fresh process, then the same run again (every stage a cache hit), each with a
+    temporary Prefect server, then the cached run against a running server."""
+    import shutil
+
+    from tests.flows.conftest import PrefectServer
+
+    workspace.mkdir(parents=True, exist_ok=True)
+    if not (workspace / "data" / "raw").exists():
+        shutil.copytree(ROOT / "data" / "raw", workspace / "data" / "raw")
+    code = (f"from flows.retrain import retrain; retrain(params_path={str(ROOT / 'params.yaml')!r}, "
+            f"profile={profile!r}, workspace={str(workspace)!r})")
+    home = {"PREFECT_HOME": str(workspace / ".prefect-home")}
+    rows = [{"what": f"flow run, first ({profile} profile, fresh process, temporary server)",
+             "seconds": timed([sys.executable, "-c", code], env=home)},
+            {"what": f"flow run, fully cached ({profile}, fresh process, temporary server)",
+             "seconds": timed([sys.executable, "-c", code], env=home)}]
+    server = PrefectServer(workspace / ".prefect-server")
+    server.home.mkdir(parents=True, exist_ok=True)
+    server.start()
+    try:
+        timed([sys.executable, "-c", code], env=server.env())  # its first run against this server's cache
+        rows.append({"what": f"flow run, fully cached ({profile}, fresh process, running server)",
+                     "seconds": timed([sys.executable, "-c", code], env=server.env())})
+    finally:
+        server.stop()
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--skip-flow", action="store_true", help="do not time the cached flow run")
+    parser.add_argument("--skip-flow", action="store_true", help="do not time the flow runs")
+    parser.add_argument("--flow-profile", default="smoke",
+                        help="profile of the flow runs (their first run trains it: smoke keeps that short)")
+    parser.add_argument("--flow-workspace", type=Path, default=Path("/tmp/pigeon-bench-flow"),
+                        help="workspace of the flow runs (data/raw is copied into it)")
     args = parser.parse_args()
     stages = stage_rows()
     print(table(stages, ["stage", "seconds", "peak_rss_mb"]) if stages else "no stage timings yet: run `make run`")
-    noop = {"what": "no-op dvc repro", "seconds": timed([str(Path(sys.executable).parent / "dvc"), "repro"])}
-    rows = [noop]
+    rows = [{"what": "no-op dvc repro", "seconds": timed([str(Path(sys.executable).parent / "dvc"), "repro"])}]
     if not args.skip_flow:
-        code = "from flows.retrain import retrain; retrain()"
-        rows.append({"what": "cached flow run (fresh process, temporary server)",
-                     "seconds": timed([sys.executable, "-c", code])})
+        rows += flow_rows(args.flow_profile, args.flow_workspace.resolve())
     print(table(rows, ["what", "seconds"]))
     save("pipeline", stages + rows)
 
