@@ -10,9 +10,9 @@ import torch
 def main() -> None:
     from benchmarks import detokenizer, dpo, generation, pipeline
     from benchmarks.common import save, table
-    from pigeon.runtime import free_cores
+    from pigeon.runtime import available_cores
 
-    torch.set_num_threads(free_cores())
+    torch.set_num_threads(available_cores())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for name, module, kwargs in (("generation", generation, {}), ("dpo", dpo, {}),
                                  ("detokenizer", detokenizer, {})):

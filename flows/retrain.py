@@ -209,11 +209,13 @@ def make_task_runner(orch: OrchestrationConfig):
         if orch.dask_address:
             return DaskTaskRunner(address=orch.dask_address)
 
-        from pigeon.runtime import OFFLINE_ENV
+        from pigeon.runtime import OFFLINE_ENV, available_cores
 
         # Workers must report to this flow's API: without it each would start a temporary server.
         with get_client(sync_client=True) as client:
             env = {**OFFLINE_ENV, "PREFECT_API_URL": str(client.api_url)}
+        # The workers share this machine's cores (pigeon.runtime.setup_torch reads it).
+        env["OMP_NUM_THREADS"] = str(max(1, available_cores() // orch.dask_workers))
         return DaskTaskRunner(cluster_kwargs={"n_workers": orch.dask_workers, "threads_per_worker": 1,
                                               "dashboard_address": None, "env": env})
     return ThreadPoolTaskRunner(max_workers=orch.gpu_concurrency)

@@ -298,7 +298,7 @@ class Params(Section):
     profile: str = Field("default", description="profiles/<name>.yaml merged over this file.")
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
-    threads: int = Field(0, ge=0, description="Torch CPU threads; 0 = the cores that are free.")
+    threads: int = Field(0, ge=0, description="Torch CPU threads; 0 = OMP_NUM_THREADS or every available core.")
     data: DataConfig = DataConfig()
     simulate: SimulateConfig = SimulateConfig()
     backbone: BackboneConfig = BackboneConfig()

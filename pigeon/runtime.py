@@ -31,24 +31,24 @@ def set_offline_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def free_cores() -> int:
-    """Cores not busy right now (1-minute load average), at least 1."""
-    total = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = int(round(os.getloadavg()[0]))
-    except OSError:
-        busy = 0
-    return max(1, min(total, total - busy + 1 if busy else total))
+def available_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def setup_torch(threads: int = 0) -> None:
+    """``threads`` torch threads; 0 = ``OMP_NUM_THREADS`` when set (a local Dask worker gets its share
+    that way), else the available cores, shared by the processes ``accelerate launch`` started side by
+    side. Not the idle cores: the load average still counts the pipeline's own previous stage, which
+    made every stage after the first run on one thread. Oversubscribed threads (more threads than
+    cores across processes) were measured 3–100× slower than one: set ``threads`` on a shared machine."""
     import torch
 
     from pigeon.distributed import local_world_size
 
-    # Oversubscribed OpenMP threads on a busy box were measured 3–100× slower than one; processes
-    # started side by side by `accelerate launch` share the free cores.
-    torch.set_num_threads(threads or max(1, free_cores() // local_world_size()))
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    auto = int(env) if env.isdigit() and int(env) > 0 else max(1, available_cores() // local_world_size())
+    torch.set_num_threads(threads or auto)
 
 
 def resolve_device(name: str = "auto") -> "torch.device":
