@@ -139,7 +139,7 @@ class BackboneConfig(Section):
 
 
 class FoundationConfig(Section):
-    vq_steps: int = Field(480, ge=0)
+    vq_steps: int = Field(400, ge=0)
     vq_batch_size: int = Field(64, ge=1)
     vq_lr: float = Field(1e-3, gt=0)
     dead_code_every: int = Field(50, ge=1, description="Re-seed unused codes every N steps.")
@@ -173,7 +173,7 @@ class ModelConfig(Section):
 class LoraConfig(Section):
     r: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"))
 
 
@@ -185,7 +185,7 @@ class SamplingConfig(Section):
 class Stage1Config(Section):
     lora: LoraConfig = LoraConfig()
     epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(250, ge=1, description="Stop after N steps (null: whole epochs).")
+    max_steps: int | None = Field(200, ge=1, description="Stop after N steps (null: whole epochs).")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)
