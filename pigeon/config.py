@@ -139,7 +139,7 @@ class BackboneConfig(Section):
 
 
 class FoundationConfig(Section):
-    vq_steps: int = Field(400, ge=0)
+    vq_steps: int = Field(300, ge=0)
     vq_batch_size: int = Field(64, ge=1)
     vq_lr: float = Field(1e-3, gt=0)
     dead_code_every: int = Field(50, ge=1, description="Re-seed unused codes every N steps.")
@@ -185,7 +185,7 @@ class SamplingConfig(Section):
 class Stage1Config(Section):
     lora: LoraConfig = LoraConfig()
     epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(200, ge=1, description="Stop after N steps (null: whole epochs).")
+    max_steps: int | None = Field(150, ge=1, description="Stop after N steps (null: whole epochs).")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)

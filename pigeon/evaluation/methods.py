@@ -101,8 +101,7 @@ class RewardSelector:
 
     def __init__(self, backbone, item_images: np.ndarray, center_items: np.ndarray):
         self.encoder = RewardEncoder(backbone)
-        self.encoder.fit_center(item_images[np.unique(center_items)])
-        self.item_features = self.encoder.features(item_images)  # [N, D] unit vectors
+        self.item_features = self.encoder.fit_items(item_images, center_items)  # [N, D] unit vectors
 
     def nearest_history(self, windows: pd.DataFrame, reference_col: str, history_len: int) -> np.ndarray:
         """Item id of the history image closest to the reference, per window."""

@@ -119,9 +119,8 @@ def run(params: Params, ws: Workspace) -> dict:
 
     encoder = RewardEncoder(load_backbone(params, ws, device))
     train_rows = (table["split"] == "train").to_numpy()
-    encoder.fit_center(item_images[np.unique(np.concatenate([history_ids[train_rows].ravel(),
-                                                             reference_ids[train_rows]]))])
-    item_feats = encoder.features(item_images)
+    item_feats = encoder.fit_items(item_images, np.concatenate([history_ids[train_rows].ravel(),
+                                                                reference_ids[train_rows]]))
     cand_feats = encoder.features(cand_images.reshape(-1, *cand_images.shape[2:])).reshape(n_windows, per_window, -1)
     history_feats = item_feats[torch.from_numpy(history_ids)]
     reference_feats = item_feats[torch.from_numpy(reference_ids)]

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from pigeon.config import FoundationConfig
 from pigeon.errors import DataError
+from pigeon.evaluation import metrics
 from pigeon.models.tiny import TinyBackbone
 from pigeon.models.vq import decode_latents, init_codebook_from_data, quantize, reseed_dead_codes
 from pigeon.runtime import autocast
@@ -275,30 +276,12 @@ class FoundationTrainer:
 # --- evaluation -----------------------------------------------------------------------------------
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR (dB) of images in [-1, 1], measured on the [0, 1] scale."""
-    mse = ((a.float() - b.float()) / 2).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
+    return metrics.psnr((a.float() + 1) / 2, (b.float() + 1) / 2)
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM (Wang et al. 2004: gaussian window, valid region, mean over RGB) of [-1, 1] images."""
-    x, y = (a.float() + 1) / 2, (b.float() + 1) / 2
-    window = min(window, x.shape[-1])
-    coords = torch.arange(window, dtype=torch.float32, device=x.device) - (window - 1) / 2
-    g = torch.exp(-coords.pow(2) / (2 * sigma**2))
-    g = g / g.sum()
-    kernel = (g[:, None] * g[None, :]).expand(x.shape[1], 1, window, window).contiguous()
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, kernel, groups=x.shape[1])
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x.pow(2)
-    var_y = blur(y * y) - mu_y.pow(2)
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = 0.01**2, 0.03**2
-    numerator = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
-    value = numerator / ((mu_x.pow(2) + mu_y.pow(2) + c1) * (var_x + var_y + c2))
-    return value.flatten(1).mean(1)
+    return metrics.ssim((a.float() + 1) / 2, (b.float() + 1) / 2)
 
 
 @torch.no_grad()

@@ -46,6 +46,16 @@ class RewardEncoder:
         """Centre on the mean feature of ``images_uint8`` (the training windows' images)."""
         self.center = self.raw_features(images_uint8).mean(dim=0)
 
+    def fit_items(self, item_images: np.ndarray, center_items: np.ndarray) -> torch.Tensor:
+        """Centre on ``center_items`` (ids into ``item_images``) and return every item's unit features.
+
+        One encoder pass over the items serves both the centre and the features (``fit_center`` then
+        ``features`` would encode the centre's items twice).
+        """
+        raw = self.raw_features(item_images)
+        self.center = raw[torch.from_numpy(np.unique(np.asarray(center_items, dtype=np.int64)))].mean(dim=0)
+        return F.normalize(raw - self.center, dim=-1)
+
     def features(self, images_uint8: np.ndarray) -> torch.Tensor:
         feats = self.raw_features(images_uint8)
         if self.center is not None:

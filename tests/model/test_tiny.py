@@ -209,3 +209,19 @@ def test_diffusion_loss_trains_the_denoiser():
     grads = [p.grad for p in model.diffusion.parameters() if p.grad is not None]
     assert torch.isfinite(loss) and grads and any(g.abs().sum() > 0 for g in grads)
     assert model.diffusion.condition_encoder.proj.weight.grad is not None  # the conditioning path learns
+
+
+def test_reward_features_of_items_match_a_separate_centre_and_encode(backbone: TinyBackbone):
+    """One encoder pass (``fit_items``) gives the centre and features of ``fit_center`` + ``features``."""
+    from pigeon.training.reward import RewardEncoder
+
+    items = ((images(7, seed=3).permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    centre_ids = [4, 1, 1, 6]
+    separate = RewardEncoder(backbone, batch_size=3)
+    separate.fit_center(items[sorted(set(centre_ids))])
+    one_pass = RewardEncoder(backbone, batch_size=3)
+    feats = one_pass.fit_items(items, centre_ids)
+    assert torch.allclose(one_pass.center, separate.center, atol=1e-5)
+    assert torch.allclose(feats, separate.features(items), atol=1e-5)
+    assert torch.allclose(feats.norm(dim=-1), torch.ones(7))
+    assert not torch.allclose(one_pass.center, one_pass.raw_features(items).mean(dim=0))  # the centre's items only
