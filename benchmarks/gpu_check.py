@@ -90,14 +90,8 @@ def janus_pro_1b_sized(device: str = "cuda", scale: int = 1) -> PigeonModel:
     """Janus-Pro-1B's shapes (LM 2048×24, VQ 16384 codes, 384 px → 576 tokens), random weights, bf16.
     ``scale`` > 1 divides widths/depths (a CPU dry run of the same code path)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        JanusConfig,
-        JanusForConditionalGeneration,
-        JanusVisionConfig,
-        JanusVQVAEConfig,
-        LlamaConfig,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import (JanusConfig, JanusForConditionalGeneration, JanusVisionConfig, JanusVQVAEConfig,
+                              LlamaConfig, PreTrainedTokenizerFast)
 
     from pigeon.models.janus import JanusBackbone
 
