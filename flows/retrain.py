@@ -221,14 +221,10 @@ def make_task_runner(orch: OrchestrationConfig):
     return ThreadPoolTaskRunner(max_workers=orch.gpu_concurrency)
 
 
-def shard_count(params: Params, ws: Workspace, stage: str) -> int:
-    return sharded_stage(stage).shard_count(params, ws)
-
-
 def fan_out(stage: str, call: StageCall) -> list[dict[str, Any]]:
     """Every shard of a sharded stage on the configured task runner → the shards' results."""
     runner = make_task_runner(call.params.orchestration)
-    count = shard_count(call.params, call.ws, stage)
+    count = sharded_stage(stage).shard_count(call.params, call.ws)
     return stage_shards.with_options(task_runner=runner)(stage, call, count)
 
 

@@ -146,8 +146,6 @@ class FastDecoder:
         return self._rms(x, self.final_norm, self.final_eps)
 
 
-def fast_decoder(body: nn.Module | None, compute_dtype: torch.dtype) -> FastDecoder | None:
+def fast_decoder(body: nn.Module, compute_dtype: torch.dtype) -> FastDecoder | None:
     """A :class:`FastDecoder` over ``body`` (a Llama-style LM body), or None when it does not fit."""
-    if body is None or not _supported(body):
-        return None
-    return FastDecoder(body, compute_dtype)
+    return FastDecoder(body, compute_dtype) if _supported(body) else None

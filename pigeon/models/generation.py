@@ -119,11 +119,8 @@ def sample_codes(model: PigeonModel, windows: WindowBatch, rows: WindowBatch, co
     else:
         prefix, _ = model.prefix(rows, history_mask, reference_mask)
         hidden, _ = bb.transformer(prefix, attention[:, :p], positions[:, :p])
-    decoder = None
-    if use_cache and fast_decode:
-        body = bb.decoder_body()
-        decoder = fast_decoder(body, compute_dtype(device, query.dtype if body is None else
-                                                   next(body.parameters()).dtype))
+    body = bb.decoder_body() if use_cache and fast_decode else None
+    decoder = None if body is None else fast_decoder(body, compute_dtype(device, next(body.parameters()).dtype))
     if decoder is not None:
         # Attention reads the cache in the compute dtype: under autocast the library re-casts the whole
         # fp32 cache at every step and layer (the largest cost in the profile); cast it once here.

@@ -42,26 +42,18 @@ class RewardEncoder:
             out.append(self.backbone.image_features(images).float().cpu())
         return torch.cat(out) if out else torch.empty(0)
 
-    def fit_center(self, images_uint8: np.ndarray) -> None:
-        """Centre on the mean feature of ``images_uint8`` (the training windows' images)."""
-        self.center = self.raw_features(images_uint8).mean(dim=0)
-
     def fit_items(self, item_images: np.ndarray, center_items: np.ndarray) -> torch.Tensor:
-        """Centre on ``center_items`` (ids into ``item_images``) and return every item's unit features.
-
-        One encoder pass over the items serves both the centre and the features (``fit_center`` then
-        ``features`` would encode the centre's items twice).
-        """
+        """Centre on the mean feature of ``center_items`` (ids into ``item_images``: the training windows'
+        images) and return every item's unit features, from one encoder pass over the items."""
         raw = self.raw_features(item_images)
         self.center = raw[torch.from_numpy(np.unique(np.asarray(center_items, dtype=np.int64)))].mean(dim=0)
-        return F.normalize(raw - self.center, dim=-1)
+        return self._unit(raw)
 
     def features(self, images_uint8: np.ndarray) -> torch.Tensor:
-        feats = self.raw_features(images_uint8)
-        if self.center is not None:
-            feats = feats - self.center
-        return F.normalize(feats, dim=-1)
+        return self._unit(self.raw_features(images_uint8))
 
+    def _unit(self, raw: torch.Tensor) -> torch.Tensor:
+        return F.normalize(raw if self.center is None else raw - self.center, dim=-1)
 
 def candidate_rewards(candidates: torch.Tensor, history: torch.Tensor, reference: torch.Tensor,
                       w_history: float, w_reference: float) -> dict[str, torch.Tensor]:
