@@ -64,9 +64,12 @@ def resolve_device(name: str = "auto") -> "torch.device":
 
 
 def autocast(device: "torch.device"):
-    """bf16 autocast on CUDA and on CPUs with native bf16; otherwise a no-op."""
+    """bf16 autocast on CUDA and on CPUs with native bf16; otherwise a no-op. ``PIGEON_AUTOCAST=off``
+    runs everything in fp32 (to compare numerics across CPUs, or to rule bf16 out when debugging)."""
     import torch
 
+    if os.environ.get("PIGEON_AUTOCAST", "on").lower() in ("off", "0", "false", "fp32"):
+        return nullcontext()
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     if cpu_has_bf16():
