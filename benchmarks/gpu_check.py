@@ -65,7 +65,7 @@ def measure(name: str, model: PigeonModel, train_batch: int, gen_batch: int, dev
         "backbone": name,
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
         "tokens_per_image": t,
-        "prompt_tokens": 12 + model.history_len * t + 2,
+        "prompt_tokens": 12 + model.history_len + model.query_length,
         "train_batch": train_batch,
         "train_step_s": round(train_s, 4),
         "train_loss_first": round(loss0, 3),

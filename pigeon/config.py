@@ -143,9 +143,13 @@ class FoundationConfig(Section):
     vq_batch_size: int = Field(64, ge=1)
     vq_lr: float = Field(1e-3, gt=0)
     dead_code_every: int = Field(50, ge=1, description="Re-seed unused codes every N steps.")
-    lm_steps: int = Field(250, ge=0)
-    lm_batch_size: int = Field(16, ge=1)
+    lm_steps: int = Field(900, ge=0)
+    lm_batch_size: int = Field(32, ge=1)
     lm_lr: float = Field(1e-3, gt=0)
+    context_noise: float = Field(0.2, ge=0.0, lt=1.0, description="Share of an LM sequence's style-context "
+                                 "images swapped for random images of any style (the noise users' histories have).")
+    vq_edge_weight: float = Field(1.0, ge=0.0, description="Weight of the L1 loss on image gradients (outlines and "
+                                  "shading edges) beside the VQ's pixel MSE.")
     diffusion_steps: int = Field(0, ge=0, description="Diffusion detokenizer steps (gpu profile).")
     diffusion_batch_size: int = Field(64, ge=1)
     diffusion_lr: float = Field(2e-4, gt=0)
@@ -167,7 +171,12 @@ class ModelConfig(Section):
     history_len: int = Field(5, ge=1, description="History images per window.")
     mask: MaskConfig = MaskConfig()
     adapter_hidden: int = Field(512, ge=1, description="Adapter MLP hidden width.")
-    use_adapter: bool = Field(True, description="Feed the <emb> vector (ablation: off).")
+    use_adapter: bool = Field(True, description="Adapter on the reference features (ablation: off).")
+    reference: Literal["grid", "pooled"] = Field(
+        "grid", description="grid: the kept reference tokens enter one by one (their layout passes); "
+        "pooled: the paper's single <emb> vector (ablation).")
+    reference_views: int = Field(4, ge=0, description="Random style-stripped training views per reference image "
+                                 "(view 0, plain grayscale, is the inference view).")
 
 
 class LoraConfig(Section):
@@ -185,7 +194,7 @@ class SamplingConfig(Section):
 class Stage1Config(Section):
     lora: LoraConfig = LoraConfig()
     epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(150, ge=1, description="Stop after N steps (null: whole epochs).")
+    max_steps: int | None = Field(400, ge=1, description="Stop after N steps (null: whole epochs).")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)

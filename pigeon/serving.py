@@ -268,11 +268,13 @@ class PigeonGenerator:
         """One request → one [S, S, 3] uint8 image, deterministic under ``request.seed``."""
         import torch
 
+        from pigeon.models.personalization import reference_view
         from pigeon.models.pigeon import WindowBatch
         from pigeon.runtime import autocast
 
         backbone = self.model.backbone
-        images = np.concatenate([request.history, request.reference[None]])
+        # the reference enters as its style-stripped view, as in training and evaluation
+        images = np.concatenate([request.history, reference_view(request.reference[None])])
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(self.device)
         with torch.no_grad():
             codes = backbone.encode_images(pixels).long()

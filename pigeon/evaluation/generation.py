@@ -149,5 +149,5 @@ def method_images(generated: dict[tuple[str, str], np.ndarray], windows: pd.Data
                 outputs[(protocol, method)] = MethodImages(images, alpha_ref)
         for method in BASELINES:
             outputs[(protocol, method)] = baseline_images(method, windows, cols["reference"], item_images,
-                                                          selector, history_len)
+                                                          selector, history_len, cols["truth"])
     return outputs

@@ -26,9 +26,9 @@ from pigeon.training.reward import RewardEncoder, candidate_rewards
 
 GENERATIVE = ("pigeon", "pigeon_select", "stage1", "foundation", "no_history_mask",
               "untrained_mask_generator", "no_adapter")
-BASELINES = ("reference_copy", "nearest_history")
+BASELINES = ("reference_copy", "nearest_history", "tokenizer_ceiling", "truth")
 METHODS = ("pigeon", "pigeon_select", "stage1", "foundation", "reference_copy", "nearest_history",
-           "no_history_mask", "untrained_mask_generator", "no_adapter")
+           "no_history_mask", "untrained_mask_generator", "no_adapter", "tokenizer_ceiling", "truth")
 SELECT_WEIGHTS = {"w_history": 0.5, "w_reference": 0.5}  # inference-time selection (DESIGN.md §1)
 
 # Where each protocol takes the reference and the truth from (DESIGN.md §3).
@@ -131,12 +131,34 @@ def select_best(candidates: np.ndarray, sweep: tuple[float, ...], rewards: dict[
                                "reward": rewards["reward"].numpy(), "chosen": best})
 
 
+@torch.no_grad()
+def tokenizer_round_trip(backbone, images_uint8: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Real images through the visual tokenizer and detokenizer (encode → decode): what any generator that
+    writes these codes can at best reproduce."""
+    from pigeon.models.batching import images_to_tensor
+
+    out = []
+    for start in range(0, len(images_uint8), batch_size):
+        pixels = images_to_tensor(images_uint8[start:start + batch_size], backbone.image_size, backbone.device)
+        with autocast(backbone.device):
+            decoded = backbone.decode_codes(backbone.encode_images(pixels))
+        out.append(to_uint8(decoded, images_uint8.shape[1]))
+    return np.concatenate(out) if out else images_uint8[:0]
+
+
 def baseline_images(method: str, windows: pd.DataFrame, reference_col: str, item_images: np.ndarray,
-                    selector: RewardSelector, history_len: int) -> MethodImages:
+                    selector: RewardSelector, history_len: int, truth_col: str | None = None) -> MethodImages:
+    """Rows made of real images: the reference, the nearest history image, and the ceilings — the true
+    target image (``truth``) and the same through the tokenizer (``tokenizer_ceiling``)."""
     if method == "reference_copy":
         ids = windows[reference_col].to_numpy(np.int64)
     elif method == "nearest_history":
         ids = selector.nearest_history(windows, reference_col, history_len)
+    elif method in ("truth", "tokenizer_ceiling") and truth_col is not None:
+        ids = windows[truth_col].to_numpy(np.int64)
+        if method == "tokenizer_ceiling":
+            return MethodImages(tokenizer_round_trip(selector.encoder.backbone, item_images[ids]),
+                                np.full(len(ids), np.nan))
     else:
         raise ValueError(f"not a baseline: {method}")
     return MethodImages(item_images[ids], np.full(len(ids), np.nan))

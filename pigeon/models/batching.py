@@ -1,9 +1,11 @@
-"""From dataset rows to model inputs: item images → visual codes (cached), window rows → WindowBatch."""
+"""From dataset rows to model inputs: item images → visual codes and reference-view codes (cached),
+window rows → WindowBatch."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +18,10 @@ from pigeon.config import ModelConfig, Params
 from pigeon.errors import DataError
 from pigeon.io import file_md5, load_tensors, save_tensors, tree_hash
 from pigeon.models.backbone import Backbone
-from pigeon.models.personalization import build_prompt
+from pigeon.models.personalization import build_prompt, reference_view
 from pigeon.models.pigeon import WindowBatch
 from pigeon.paths import Workspace
+from pigeon.training.checkpoint import step_generator
 
 LARGE_CHECKPOINT_BYTES = 1 << 30
 
@@ -51,20 +54,47 @@ def item_codes(backbone: Backbone, images_uint8: np.ndarray, batch_size: int = 2
     return torch.cat(chunks)
 
 
-class WindowEncoder:
-    """Turns window rows into a WindowBatch on the device of ``codes``."""
+@torch.no_grad()
+def reference_codes(backbone: Backbone, images_uint8: np.ndarray, views: int, seed: int = 0,
+                    batch_size: int = 256) -> torch.Tensor:
+    """Codes of the style-stripped reference views [N, 1 + views, T]: view 0 is the plain inference view,
+    views 1… are seeded random training views (:func:`pigeon.models.personalization.reference_view`)."""
+    out = []
+    for view in range(views + 1):
+        generator = None if view == 0 else step_generator(seed, "reference-view", view)
+        out.append(item_codes(backbone, reference_view(images_uint8, generator), batch_size))
+    return torch.stack(out, dim=1)
 
-    def __init__(self, backbone: Backbone, codes: torch.Tensor, items: pd.DataFrame, cfg: ModelConfig,
+
+@dataclass
+class ItemCodes:
+    """Every item's visual codes [N, T] and its reference views' codes [N, 1 + V, T]."""
+
+    codes: torch.Tensor
+    reference: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def to(self, device) -> ItemCodes:
+        return ItemCodes(self.codes.to(device), self.reference.to(device))
+
+
+class WindowEncoder:
+    """Turns window rows into a WindowBatch on the device of the item codes."""
+
+    def __init__(self, backbone: Backbone, item_codes: ItemCodes, items: pd.DataFrame, cfg: ModelConfig,
                  max_caption_tokens: int):
-        if len(codes) != len(items):
-            raise DataError(f"item codes cover {len(codes)} items but the items table has {len(items)}")
-        self.codes = codes
+        if len(item_codes) != len(items) or len(item_codes.reference) != len(items):
+            raise DataError(f"item codes cover {len(item_codes)} items but the items table has {len(items)}")
+        self.codes = item_codes.codes
+        self.reference = item_codes.reference
         self.history_cols = [f"history_{i}" for i in range(cfg.history_len)]
         # Captions of every item tokenized once: a batch is then pure indexing.
         prompts = [build_prompt(name) for name in items["name"].tolist()]
         ids, mask = backbone.tokenize_captions(prompts, max_caption_tokens)
-        self.caption_ids = ids.to(codes.device)
-        self.caption_mask = mask.to(codes.device)
+        self.caption_ids = ids.to(self.codes.device)
+        self.caption_mask = mask.to(self.codes.device)
 
     def _items(self, windows: pd.DataFrame, col: str | list[str]) -> torch.Tensor:
         cols = [col] if isinstance(col, str) else col
@@ -77,11 +107,15 @@ class WindowEncoder:
         return ids if len(cols) > 1 else ids[:, 0]
 
     def batch(self, windows: pd.DataFrame, reference_col: str = "target_item",
-              target_col: str | None = "target_item") -> WindowBatch:
+              target_col: str | None = "target_item", views: torch.Generator | None = None) -> WindowBatch:
+        """``views`` (training): each row's reference takes a random one of its views; else view 0."""
         history = self._items(windows, self.history_cols)
         reference = self._items(windows, reference_col)
         target = None if target_col is None else self.codes[self._items(windows, target_col)]
-        return WindowBatch(history_codes=self.codes[history], reference_codes=self.codes[reference],
+        view = torch.zeros_like(reference)
+        if views is not None and self.reference.shape[1] > 1:
+            view = torch.randint(0, self.reference.shape[1], reference.shape, generator=views).to(reference.device)
+        return WindowBatch(history_codes=self.codes[history], reference_codes=self.reference[reference, view],
                            caption_ids=self.caption_ids[reference], caption_mask=self.caption_mask[reference],
                            target_codes=target)
 
@@ -100,22 +134,26 @@ def _weights_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def cached_item_codes(params: Params, ws: Workspace, backbone: Backbone) -> torch.Tensor:
-    """All item codes, encoded once per (backbone weights, raw data, image size) and cached under
-    ``.pigeon/cache/``."""
+def cached_item_codes(params: Params, ws: Workspace, backbone: Backbone) -> ItemCodes:
+    """All item codes and reference-view codes, encoded once per (backbone weights, raw data, image size,
+    views, seed) and cached under ``.pigeon/cache/``."""
     from pigeon.data.raw import load_images, read_items
     from pigeon.models.loading import backbone_source
 
     size = params.backbone.image_size
     key = json.dumps({"weights": _weights_fingerprint(backbone_source(params, ws)),
                       "items": file_md5(ws.raw / "items.parquet"),
-                      "images": tree_hash(ws.raw / "images" / str(size)), "size": size}, sort_keys=True)
+                      "images": tree_hash(ws.raw / "images" / str(size)), "size": size,
+                      "views": params.model.reference_views, "seed": params.seed, "view_format": 1}, sort_keys=True)
     path = ws.root / ".pigeon" / "cache" / f"codes-{hashlib.md5(key.encode()).hexdigest()[:16]}.safetensors"
     items = read_items(ws.raw)
+    views = params.model.reference_views
     if path.is_file():
-        codes = load_tensors(path)["codes"]
-        if codes.shape == (len(items), backbone.tokens_per_image):
-            return codes
-    codes = item_codes(backbone, load_images(ws.raw, size, items))
-    save_tensors(path, {"codes": codes})
-    return codes
+        cached = load_tensors(path)
+        if (cached.get("codes") is not None and cached["codes"].shape == (len(items), backbone.tokens_per_image)
+                and cached.get("reference") is not None and cached["reference"].shape[1] == views + 1):
+            return ItemCodes(cached["codes"], cached["reference"])
+    images = load_images(ws.raw, size, items)
+    found = ItemCodes(item_codes(backbone, images), reference_codes(backbone, images, views, params.seed))
+    save_tensors(path, {"codes": found.codes, "reference": found.reference})
+    return found

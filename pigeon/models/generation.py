@@ -96,8 +96,8 @@ def sample_codes(model: PigeonModel, windows: WindowBatch, rows: WindowBatch, co
     n, t, k = len(rows), bb.tokens_per_image, bb.codebook_size
     device = rows.history_codes.device
     history_mask, reference_mask = cond.history_keep.float(), cond.reference_keep.float()
-    attention = torch.cat([rows.caption_mask.long(), rows.caption_mask.new_ones(n, model.history_len * t + 2 + t)],
-                          dim=1)
+    attention = torch.cat([rows.caption_mask.long(),
+                           rows.caption_mask.new_ones(n, model.history_len + model.query_length + t)], dim=1)
     positions = model.positions(attention)
     p = attention.shape[1] - t  # prompt length, through <img>
     codes = torch.empty(n, t, dtype=torch.long, device=device)
@@ -112,7 +112,7 @@ def sample_codes(model: PigeonModel, windows: WindowBatch, rows: WindowBatch, co
                        use_cache=True)
         if share:
             cache.reorder_cache(torch.arange(len(windows), device=device).repeat_interleave(samples))
-        query = model.query_tokens(rows, reference_mask, context.dtype)
+        query = model.query_tokens(rows, reference_mask, context.dtype, history_mask)
         c = context.shape[1]
         hidden, cache = bb.transformer(query, attention[:, :p], positions[:, c:p], past_key_values=cache,
                                        use_cache=True)

@@ -1,12 +1,15 @@
 """The composed Pigeon model: mask generator + personalization module on a backbone LMM.
 
-Sequence fed to the LM as ``inputs_embeds`` (DESIGN.md §1)::
+Sequence fed to the LM as ``inputs_embeds`` (docs/design.md §1)::
 
-    [caption (left-padded)] [hist_1 codes ⊙ keep] … [hist_H codes ⊙ keep] [<emb>] [<img>] → T codes, end-of-image
+    [caption (left-padded)] [style_1 … style_H] [ref_1 … ref_T ⊙ keep] [<img>] → T codes, end-of-image
 
-Masked history tokens are multiplied by 0 and stay in attention (so the straight-through mask
-passes gradient); every path (loss, scoring, cached and uncached generation) builds the same
-sequence with the same position ids (``cumsum(attention_mask) - 1``).
+``style_i`` is the mean of history image i's kept token embeddings; ``ref_j`` is token j of the
+reference's style-stripped view (its embedding plus the adapter's residual), zeroed when masked.
+With ``model.reference: pooled`` the grid is replaced by the paper's single ``<emb>`` vector.
+Every path (loss, scoring, cached and uncached generation, foundation pretraining) builds the same
+sequence with :func:`context_embeds` and :func:`query_embeds`, with position ids
+``cumsum(attention_mask) - 1``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pigeon.io import load_tensors, read_json, save_tensors, write_json
 from pigeon.models.backbone import Backbone
 from pigeon.models.generation import sample_codes
 from pigeon.models.mask import MaskGenerator
-from pigeon.models.personalization import Adapter
+from pigeon.models.personalization import Adapter, masked_mean, style_tokens
 
 
 @dataclass
@@ -94,6 +97,53 @@ class GenerationOutput:
     window_index: torch.Tensor  # [B*S] source window of each row
 
 
+def context_embeds(bb: Backbone, caption_ids, caption_mask, history_embeds, history_mask):
+    """[caption] [one style token per history image] → (embeds [B, L + H, d], attention [B, L + H]).
+    history_embeds [B, H, T, d] (input embeddings of the history codes), history_mask [B, H, T]."""
+    text = bb.embed_text(caption_ids)
+    styles = style_tokens(history_embeds.to(text.dtype), history_mask.to(text.dtype))
+    attention = torch.cat([caption_mask.long().to(text.device),
+                           caption_mask.new_ones(styles.shape[:2]).long().to(text.device)], dim=1)
+    return torch.cat([text, styles], dim=1), attention
+
+
+def history_style(history_embeds, history_mask) -> torch.Tensor:
+    """One style vector per window [B, d]: the mean of the kept history tokens' embeddings over every
+    history image (zero when nothing is kept)."""
+    b, h, t, d = history_embeds.shape
+    return masked_mean(history_embeds.reshape(b, h * t, d), history_mask.reshape(b, h * t).to(history_embeds.dtype))
+
+
+def query_embeds(bb: Backbone, reference_codes, reference_mask, dtype, adapter: Adapter | None = None,
+                 pooled: bool = False, style: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference and ``<img>``: [ref grid ⊙ keep + style] [<img>] → [B, T + 1, d]; pooled: [<emb>] [<img>].
+
+    ``style`` [B, d] (:func:`history_style`) is added to every grid position, rescaled to the grid tokens'
+    RMS: each target position reads its reference token and the user's style in one place, a far
+    shorter path than attending to the style tokens (measured: with the style tokens alone, dropping
+    the whole context moved the pretrained LM's held-out loss by 0.014 nats)."""
+    b = reference_codes.shape[0]
+    img = bb.special_embedding("img").to(dtype).expand(b, 1, -1)
+    if pooled:
+        if adapter is None:
+            emb = bb.special_embedding("emb").to(dtype).expand(b, 1, -1)
+        else:
+            emb = adapter(bb.condition_features(reference_codes), reference_mask)[:, None].to(dtype)
+        return torch.cat([emb, img], dim=1)
+    keep = reference_mask.to(dtype).unsqueeze(-1)
+    tokens = bb.embed_codes(reference_codes).to(dtype)
+    grid = tokens
+    if adapter is not None:
+        grid = grid + adapter(bb.condition_features(reference_codes), reference_mask).to(dtype)
+    grid = grid * keep
+    if style is not None:
+        # eps inside the root: a zero style (no kept history) must not send an infinite gradient through sqrt
+        rms = tokens.detach().float().pow(2).mean(dim=(1, 2)).sqrt()[:, None]  # per row: batch-independent
+        scale = rms / (style.float().pow(2).mean(-1, keepdim=True) + 1e-12).sqrt()
+        grid = grid + (style.float() * scale).to(dtype)[:, None]
+    return torch.cat([grid, img], dim=1)
+
+
 class PigeonModel(nn.Module):
     def __init__(self, backbone: Backbone, cfg: ModelConfig):
         super().__init__()
@@ -101,7 +151,9 @@ class PigeonModel(nn.Module):
         self.cfg = cfg
         self.history_len = cfg.history_len
         self.mask_generator = MaskGenerator(backbone.hidden_size, cfg.history_len, cfg.mask)
-        self.adapter = Adapter(backbone.cond_dim, cfg.adapter_hidden, backbone.hidden_size) if cfg.use_adapter else None
+        self.pooled_reference = cfg.reference == "pooled"
+        self.adapter = (Adapter(backbone.cond_dim, cfg.adapter_hidden, backbone.hidden_size, pool=self.pooled_reference)
+                        if cfg.use_adapter else None)
         self.lora_config: LoraConfig | None = None
         for name, param in backbone.named_parameters():
             param.requires_grad_("lora_" in name)
@@ -128,6 +180,11 @@ class PigeonModel(nn.Module):
         if adapter and self.adapter is not None:
             params += list(self.adapter.parameters())
         return params
+
+    @property
+    def query_length(self) -> int:
+        """Tokens after the context: the reference grid (T) or the pooled <emb> (1), then <img>."""
+        return 2 if self.pooled_reference else self.backbone.tokens_per_image + 1
 
     # --- conditioning -------------------------------------------------------------------------
     def _alpha_rows(self, alpha_ref, n: int, training: bool, generator, device) -> torch.Tensor:
@@ -158,7 +215,7 @@ class PigeonModel(nn.Module):
         if repeat > 1:
             history_keep, history_mask = (x.repeat_interleave(repeat, dim=0) for x in (history_keep, history_mask))
         cond = Conditioning(history_keep, reference_keep, alpha)
-        return cond, history_mask, reference_mask, history_embeds.reshape(b, h * t, -1)
+        return cond, history_mask, reference_mask, history_embeds
 
     def condition(self, batch: WindowBatch, alpha_ref=None, training: bool = False, generator=None) -> Conditioning:
         """History: keep the top (1 − α_h) jointly by score. Reference: keep (1 − α_r); training masks the
@@ -168,30 +225,27 @@ class PigeonModel(nn.Module):
 
     # --- the sequence -------------------------------------------------------------------------
     def context(self, batch: WindowBatch, history_mask, history_embeds=None):
-        """[caption] [history ⊙ keep] → (embeds [B, L + H*T, d], attention mask)."""
-        bb = self.backbone
-        b, h, t = batch.history_codes.shape
-        text = bb.embed_text(batch.caption_ids)
+        """[caption] [style tokens of the kept history] → (embeds [B, L + H, d], attention mask)."""
         if history_embeds is None:
-            history_embeds = bb.embed_codes(batch.history_codes.reshape(b, h * t))
-        history = history_embeds.to(text.dtype) * history_mask.reshape(b, h * t, 1).to(text.dtype)
-        attention = torch.cat([batch.caption_mask.long(), batch.caption_mask.new_ones(b, h * t)], dim=1)
-        return torch.cat([text, history], dim=1), attention
+            b, h, t = batch.history_codes.shape
+            history_embeds = self.backbone.embed_codes(batch.history_codes.reshape(b, h * t)).reshape(b, h, t, -1)
+        return context_embeds(self.backbone, batch.caption_ids, batch.caption_mask, history_embeds,
+                              history_mask.reshape(batch.history_codes.shape))
 
-    def query_tokens(self, batch: WindowBatch, reference_mask, dtype: torch.dtype) -> torch.Tensor:
-        """[<emb>] [<img>] → [B, 2, d]; <emb> = adapter(pooled kept reference features) or the plain token."""
-        bb, b = self.backbone, len(batch)
-        if self.adapter is not None:
-            emb = self.adapter(bb.condition_features(batch.reference_codes), reference_mask)[:, None].to(dtype)
-        else:
-            emb = bb.special_embedding("emb").to(dtype).expand(b, 1, -1)
-        return torch.cat([emb, bb.special_embedding("img").to(dtype).expand(b, 1, -1)], dim=1)
+    def query_tokens(self, batch: WindowBatch, reference_mask, dtype: torch.dtype, history_mask) -> torch.Tensor:
+        """[reference grid ⊙ keep + history style] [<img>] → [B, T + 1, d] (pooled: [<emb>] [<img>])."""
+        b, h, t = batch.history_codes.shape
+        history = self.backbone.embed_codes(batch.history_codes.reshape(b, h * t)).reshape(b, h, t, -1)
+        style = history_style(history, history_mask.reshape(b, h, t))
+        return query_embeds(self.backbone, batch.reference_codes, reference_mask, dtype, self.adapter,
+                            self.pooled_reference, style)
 
     def prefix(self, batch: WindowBatch, history_mask, reference_mask, history_embeds=None):
         """The whole prompt → (embeds [B, P, d] ending with <img>, attention mask [B, P])."""
         context, attention = self.context(batch, history_mask, history_embeds)
-        query = self.query_tokens(batch, reference_mask, context.dtype)
-        return torch.cat([context, query], dim=1), torch.cat([attention, attention.new_ones(len(batch), 2)], dim=1)
+        query = self.query_tokens(batch, reference_mask, context.dtype, history_mask)
+        return (torch.cat([context, query], dim=1),
+                torch.cat([attention, attention.new_ones(len(batch), query.shape[1])], dim=1))
 
     @staticmethod
     def positions(attention: torch.Tensor) -> torch.Tensor:

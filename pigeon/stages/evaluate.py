@@ -233,10 +233,10 @@ def _write_grids(ws, params, windows, items, item_images, outputs) -> list[str]:
                    "history": [item_images[int(win[c])] for c in history_columns(hl)],
                    "reference": item_images[int(win[cols['reference']])],
                    "truth": item_images[int(win[cols['truth']])]}
-            row.update({m: outputs[(protocol, m)].images[w] for m in METHODS})
+            row.update({m: outputs[(protocol, m)].images[w] for m in METHODS if m != "truth"})
             rows.append(row)
         path = ws.reports / f"grid_{protocol}.png"
-        write_grid(path, rows, ["history", "reference", *METHODS, "truth"],
+        write_grid(path, rows, ["history", "reference", *[m for m in METHODS if m != "truth"], "truth"],
                    f"protocol {protocol}: history | reference | methods | ground truth (simulated users)")
         written.append(path.name)
     return written

@@ -28,6 +28,7 @@ from pigeon.runtime import autocast, resolve_device
 from pigeon.training.foundation import (
     FoundationData,
     FoundationTrainer,
+    conditioned_lm_loss,
     lm_loss,
     reconstruct,
     reconstruction_metrics,
@@ -36,7 +37,7 @@ from pigeon.training.foundation import (
 )
 
 GRID_IMAGES = 12  # held-out images shown in reconstructions.png
-SAMPLE_CAPTIONS = 8  # captions in samples.png, SAMPLES_PER_CAPTION images each
+SAMPLE_CAPTIONS = 8  # captions in samples.png, one image per caption in each of SAMPLES_PER_CAPTION styles
 SAMPLES_PER_CAPTION = 3
 DIFFUSION_EVAL_IMAGES = 64  # DDIM sampling is slow: diffusion metrics on a fixed subset
 
@@ -57,12 +58,15 @@ def run(params: Params, ws: Workspace) -> dict:
     images = load_images(ws.raw, size, items)
     captions = items["name"].astype(str).tolist()
     train_ids, holdout_ids = split_holdout(items, cfg.holdout_fraction, params.seed)
+    styles = items["style"].astype(str).tolist()
     data = FoundationData(torch.from_numpy(images[train_ids]), [captions[i] for i in train_ids],
-                          torch.from_numpy(images[holdout_ids]), [captions[i] for i in holdout_ids])
+                          torch.from_numpy(images[holdout_ids]), [captions[i] for i in holdout_ids],
+                          [styles[i] for i in train_ids], [styles[i] for i in holdout_ids])
     # Every item name is in the caption vocabulary: later stages caption held-out emoji too.
     backbone = TinyBackbone.create(params.backbone, captions, seed=params.seed).to(device)
     trainer = FoundationTrainer(backbone, data, cfg, params.seed, ws.checkpoint_dir("foundation"),
-                                fingerprint(params, data))
+                                fingerprint(params, data), history_len=params.model.history_len,
+                                reference_views=params.model.reference_views)
     state = trainer.run()
 
     start = time.perf_counter()
@@ -82,9 +86,7 @@ def run(params: Params, ws: Workspace) -> dict:
                       "untrained": reconstruction_metrics(originals, untrained_recons),
                       "codebook_usage_train": usage(trainer.codes, backbone.codebook_size),
                       "codebook_usage_holdout": usage(trainer.holdout_codes, backbone.codebook_size)},
-        "lm": {"holdout_loss": lm_loss(trainer, data.holdout_captions, trainer.holdout_codes),
-               "train_loss": lm_loss(trainer, data.captions[:seen], trainer.codes[:seen]),
-               "uniform_loss": round(math.log(backbone.codebook_size + 1), 4)},
+        "lm": lm_metrics(trainer, data, seen),
         "final_loss": final_losses(state.curves),
         "resumed_from": list(trainer.resumed_from) if trainer.resumed_from else None,
     }
@@ -98,8 +100,10 @@ def run(params: Params, ws: Workspace) -> dict:
         rows["diffusion"] = reconstruct(backbone, data.holdout_images[shown], decoder="diffusion")[1]
 
     sample_captions = pick_captions(data, params.seed)
-    repeated = [c for c in sample_captions for _ in range(SAMPLES_PER_CAPTION)]
-    codes = sample_caption_codes(backbone, repeated, seed=params.seed)
+    picked = [data.holdout_captions.index(c) if c in data.holdout_captions else None for c in sample_captions]
+    sample_styles = trainer.contexts.names[:: max(1, len(trainer.contexts.names) // SAMPLES_PER_CAPTION)]
+    sample_styles = sample_styles[:SAMPLES_PER_CAPTION]
+    codes = personalized_samples(trainer, sample_captions, picked, sample_styles, params.seed)
     # An untrained diffusion decoder draws noise: show such samples through the VQ decoder instead.
     decode = backbone.vq_decode if backbone.diffusion is not None and not trainer_diffusion_steps(trainer) \
         else backbone.decode_codes
@@ -115,7 +119,8 @@ def run(params: Params, ws: Workspace) -> dict:
         atomic_write_bytes(tmp / "curves.png", curves_png(curves))
         grid_titles = [data.holdout_captions[i] for i in shown]
         atomic_write_bytes(tmp / "reconstructions.png", grid_png(rows, grid_titles))
-        atomic_write_bytes(tmp / "samples.png", samples_png(samples, sample_captions))
+        atomic_write_bytes(tmp / "samples.png", samples_png(samples, sample_captions,
+                                                            [f"in {s}" for s in sample_styles]))
     shutil.rmtree(ws.checkpoint_dir("foundation"), ignore_errors=True)
     tok = metrics["tokenizer"]
     return {"holdout_psnr": tok["trained"]["psnr"], "holdout_ssim": tok["trained"]["ssim"],
@@ -193,10 +198,46 @@ def grid_png(rows: dict[str, torch.Tensor], titles: list[str]) -> bytes:
     return _png(fig)
 
 
-def samples_png(samples: torch.Tensor, captions: list[str]) -> bytes:
+def samples_png(samples: torch.Tensor, captions: list[str], labels: list[str]) -> bytes:
     per = len(samples) // len(captions)
-    rows = {f"sample {s + 1}": samples[s::per] for s in range(per)}
+    rows = {labels[s]: samples[s::per] for s in range(per)}
     return grid_png(rows, captions)
+
+
+def lm_metrics(trainer: FoundationTrainer, data: FoundationData, seen: int) -> dict[str, float]:
+    """Held-out LM losses (nats per code) with everything, without the style context, and from the caption
+    alone: the gaps say how much the LM reads the context and the reference."""
+    style = trainer.holdout_style
+    references = trainer.holdout_references[:, 0]
+    args = (trainer, data.holdout_captions, trainer.holdout_codes, references, style)
+    return {"holdout_loss": conditioned_lm_loss(*args),
+            "holdout_loss_no_context": conditioned_lm_loss(*args, with_context=False),
+            "holdout_loss_caption_only": lm_loss(trainer, data.holdout_captions, trainer.holdout_codes),
+            "train_loss_caption_only": lm_loss(trainer, data.captions[:seen], trainer.codes[:seen]),
+            "uniform_loss": round(math.log(trainer.model.codebook_size + 1), 4)}
+
+
+def personalized_samples(trainer: FoundationTrainer, captions: list[str], holdout_rows: list[int | None],
+                         styles: list[str], seed: int) -> torch.Tensor:
+    """samples.png: each caption's emoji drawn in each of ``styles`` — a style context of 5 training images of
+    that style and, for held-out emoji, the plain reference view. Row = caption i * len(styles) + style s."""
+    from pigeon.training.checkpoint import step_generator
+
+    generator = step_generator(seed, "sample-context", 0)
+    t = trainer.model.tokens_per_image
+    rows, contexts, references = [], [], []
+    for caption, row in zip(captions, holdout_rows):
+        for name in styles:
+            style = torch.tensor([trainer.contexts.names.index(name)])
+            contexts.append(trainer.codes[trainer.contexts.draw(style, None, generator)][0])
+            ref = trainer.holdout_references[row, 0] if row is not None else torch.zeros(t, dtype=torch.long)
+            references.append(ref)
+            rows.append(caption)
+    has_reference = torch.tensor([r is not None for r in holdout_rows for _ in styles])
+    codes_with = sample_caption_codes(trainer.model, rows, seed, history_codes=torch.stack(contexts).cpu(),
+                                      reference=torch.stack(references).cpu())
+    codes_without = sample_caption_codes(trainer.model, rows, seed, history_codes=torch.stack(contexts).cpu())
+    return torch.where(has_reference[:, None].to(codes_with.device), codes_with, codes_without)
 
 
 def curves_png(curves: pd.DataFrame) -> bytes:

@@ -3,8 +3,13 @@
 Three phases, each resumable from ``checkpoint_every``-step checkpoints:
 (a) ``vq``: the VQ tokenizer on images (AdamW, bf16 autocast with the quantizer in fp32, codebook
     initialised from encoder outputs, codes unused for ``dead_code_every`` steps re-seeded);
-(b) ``lm``: the LM on ``[caption] <img> codes </img>``, a quarter of them with an empty caption
-    (plain image-code sequences), loss on the codes and ``</img>`` over the visual vocabulary;
+(b) ``lm``: the LM on Pigeon's own sequence ``[caption] [style tokens] [reference grid] <img> codes
+    </img>`` (docs/design.md §2). As LaVIT pretrains on interleaved documents, the "history" is a
+    vendor's own emoji set: H *other* emoji drawn in the target's style (each swapped for a random
+    image with probability ``context_noise``), so the LM learns in-context style. The reference is
+    the target's style-stripped view with a random share of its tokens masked. A quarter of the
+    captions are empty and a tenth of the contexts dropped. No sequence ever holds the same emoji in
+    two styles. Loss on the codes and ``</img>`` over the visual vocabulary;
 (c) ``diffusion``: the diffusion detokenizer (DDPM loss), when enabled and ``diffusion_steps > 0``.
 """
 
@@ -26,6 +31,8 @@ from tqdm.auto import tqdm
 from pigeon.config import FoundationConfig
 from pigeon.errors import DataError
 from pigeon.evaluation import metrics
+from pigeon.models.batching import reference_codes
+from pigeon.models.pigeon import context_embeds, history_style, query_embeds
 from pigeon.models.tiny import TinyBackbone
 from pigeon.models.vq import decode_latents, init_codebook_from_data, quantize, reseed_dead_codes
 from pigeon.runtime import autocast
@@ -38,7 +45,8 @@ from pigeon.training.checkpoint import (
     step_generator,
 )
 
-PLAIN_SHARE = 0.25  # share of LM sequences with an empty caption (unconditional image codes)
+PLAIN_SHARE = 0.25  # share of LM sequences with an empty caption
+NO_CONTEXT_SHARE = 0.1  # share of LM sequences whose style context is dropped (all style tokens zero)
 WARMUP_STEPS = 20
 PHASES = ("vq", "encode", "lm", "diffusion", "done")
 
@@ -62,6 +70,16 @@ def to_model_images(images_uint8: np.ndarray | torch.Tensor, device: torch.devic
     return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
 
 
+def edge_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between the images' horizontal and vertical differences: outlines, line weight and shading
+    edges are what tells vendors apart, and pixel MSE alone blurs them away."""
+    def grads(x):
+        return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+    (rx, ry), (tx, ty) = grads(recon), grads(target)
+    return F.l1_loss(rx, tx) + F.l1_loss(ry, ty)
+
+
 def lr_at(step: int, total: int, base: float) -> float:
     """Linear warm-up, then cosine decay to a tenth of the base rate."""
     warmup = min(WARMUP_STEPS, max(1, total // 10))
@@ -77,12 +95,45 @@ class FoundationData:
     captions: list[str]
     holdout_images: torch.Tensor
     holdout_captions: list[str]
+    styles: list[str]  # style of each training image (the LM's style contexts come from it)
+    holdout_styles: list[str]
 
     def fingerprint(self) -> str:
         digest = hashlib.md5(self.images.numpy().tobytes())
         digest.update(self.holdout_images.numpy().tobytes())
-        digest.update(json.dumps([self.captions, self.holdout_captions]).encode())
+        digest.update(json.dumps([self.captions, self.holdout_captions, self.styles, self.holdout_styles]).encode())
         return digest.hexdigest()
+
+
+class StyleContexts:
+    """Draws, for target images, H context images of the same style and other emoji (training images)."""
+
+    def __init__(self, styles: list[str], history_len: int, noise: float):
+        names = sorted(set(styles))
+        self.style = torch.tensor([names.index(s) for s in styles])
+        self.members = [torch.nonzero(self.style == k).flatten() for k in range(len(names))]
+        self.names = names
+        self.history_len, self.noise = history_len, noise
+
+    def draw(self, style: torch.Tensor, exclude: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+        """style [B] (indices into ``names``) → training image ids [B, H]; never an ``exclude`` image."""
+        b, h = len(style), self.history_len
+        sizes = torch.tensor([len(m) for m in self.members])[style]  # [B]
+        out = torch.empty(b, h, dtype=torch.long)
+        for row in range(b):
+            members = self.members[int(style[row])]
+            count = int(sizes[row]) - (exclude is not None)
+            pick = (torch.rand(h, generator=generator) * count).long().clamp_max(count - 1)
+            if exclude is not None:  # skip the target itself within its style's list
+                pos = int(torch.searchsorted(members, exclude[row]))
+                pick = pick + (pick >= pos).long()
+            out[row] = members[pick]
+        swap = torch.rand(b, h, generator=generator) < self.noise
+        out[swap] = torch.randint(0, len(self.style), (int(swap.sum()),), generator=generator)
+        if exclude is not None:  # a random swap may hit the target: put the same-style pick back
+            hit = out == exclude[:, None]
+            out[hit] = torch.roll(out, 1, dims=1)[hit]
+        return out
 
 
 @dataclass
@@ -95,8 +146,14 @@ class Progress:
 
 class FoundationTrainer:
     def __init__(self, backbone: TinyBackbone, data: FoundationData, cfg: FoundationConfig, seed: int,
-                 checkpoint_dir: Path, fingerprint: str, progress_bars: bool = True):
+                 checkpoint_dir: Path, fingerprint: str, progress_bars: bool = True, history_len: int = 5,
+                 reference_views: int = 4):
         self.model, self.data, self.cfg, self.seed = backbone, data, cfg, seed
+        self.contexts = StyleContexts(data.styles, history_len, cfg.context_noise)
+        self.holdout_style = torch.tensor([self.contexts.names.index(s) for s in data.holdout_styles])
+        self.reference_views = reference_views
+        self.references: torch.Tensor | None = None  # [N, 1 + V, T] reference-view codes of training images
+        self.holdout_references: torch.Tensor | None = None  # [M, 1, T]
         self.device = backbone.device
         self.checkpoint_dir, self.fingerprint = Path(checkpoint_dir), fingerprint
         self.bars = progress_bars
@@ -121,6 +178,7 @@ class FoundationTrainer:
         tensors["vq_usage"] = self.usage
         if self.codes is not None:
             tensors["codes"], tensors["holdout_codes"] = self.codes, self.holdout_codes
+            tensors["references"], tensors["holdout_references"] = self.references, self.holdout_references
         meta = {"fingerprint": self.fingerprint, "phase": self.state.phase, "step": self.state.step,
                 "curves": self.state.curves, "seconds": self.state.seconds, "optimizer": optimizer_meta}
         save_state(self.checkpoint_dir, tensors, meta)
@@ -137,6 +195,8 @@ class FoundationTrainer:
         if "codes" in tensors:
             self.codes = tensors["codes"].to(self.device)
             self.holdout_codes = tensors["holdout_codes"].to(self.device)
+            self.references = tensors["references"].to(self.device)
+            self.holdout_references = tensors["holdout_references"].to(self.device)
         if meta["optimizer"]:
             self.optimizer = self._make_optimizer(self.state.phase)
             load_optimizer(self.optimizer, tensors, meta["optimizer"])
@@ -166,6 +226,11 @@ class FoundationTrainer:
             if phase == "encode":
                 self.codes = self.encode_all(self.data.images)
                 self.holdout_codes = self.encode_all(self.data.holdout_images)
+                with autocast(self.device):
+                    self.references = reference_codes(self.model, self.data.images.numpy(), self.reference_views,
+                                                      self.seed).to(self.device)
+                    self.holdout_references = reference_codes(self.model, self.data.holdout_images.numpy(), 0,
+                                                              self.seed).to(self.device)
             else:
                 self._train_phase(phase)
             self._tick(phase)
@@ -219,7 +284,8 @@ class FoundationTrainer:
         with autocast(self.device):
             recon = decode_latents(vq, z_q)
         recon_loss = F.mse_loss(recon.float(), x)
-        loss = recon_loss + vq_loss
+        edges = edge_loss(recon.float(), x)
+        loss = recon_loss + vq_loss + self.cfg.vq_edge_weight * edges
         self._optimize(loss)
         self.usage += torch.bincount(codes.flatten().cpu(), minlength=self.usage.numel())
         reseeded = 0
@@ -227,31 +293,59 @@ class FoundationTrainer:
             gen = step_generator(self.seed, "vq-dead", step)
             reseeded = reseed_dead_codes(vq, self.usage, latents.detach(), gen)
             self.usage.zero_()
-        return {"loss": loss.item(), "recon": recon_loss.item(), "vq": vq_loss.item(), "reseeded": reseeded}
+        return {"loss": loss.item(), "recon": recon_loss.item(), "vq": vq_loss.item(), "edges": edges.item(),
+                "reseeded": reseeded}
 
     def lm_step(self, step: int, steps: int) -> dict[str, float]:
         idx = epoch_batch(len(self.codes), self.cfg.lm_batch_size, step, self.seed, "lm")
-        plain = torch.rand(len(idx), generator=step_generator(self.seed, "lm-plain", step)) < PLAIN_SHARE
+        generator = step_generator(self.seed, "lm-context", step)
+        b = len(idx)
+        plain = torch.rand(b, generator=generator) < PLAIN_SHARE
         ids = torch.where(plain[:, None], self.empty_ids, self.caption_ids[idx])
         mask = torch.where(plain[:, None], self.empty_mask, self.caption_mask[idx])
-        loss = self.image_sequence_loss(ids, mask, self.codes[idx])
+        context = self.contexts.draw(self.contexts.style[idx], idx, generator)
+        history_keep = (torch.rand(b, generator=generator) >= NO_CONTEXT_SHARE)[:, None, None].expand(
+            -1, context.shape[1], self.model.tokens_per_image)
+        view = torch.randint(0, self.references.shape[1], (b,), generator=generator)
+        reference = self.references[idx, view]
+        alpha = torch.rand(b, 1, generator=generator)
+        reference_keep = torch.rand(b, self.model.tokens_per_image, generator=generator) >= alpha
+        loss = self.conditioned_loss(ids, mask, self.codes[context], history_keep, reference, reference_keep,
+                                     self.codes[idx])
         self._optimize(loss)
         return {"loss": loss.item()}
 
-    def image_sequence_loss(self, ids: torch.Tensor, mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """CE of ``codes </img>`` after ``[caption] <img>``, over the visual vocabulary only."""
-        model, b, t = self.model, codes.shape[0], codes.shape[1]
-        with autocast(self.device):
-            embeds = torch.cat([model.embed_text(ids), model.special_embedding("img").expand(b, 1, -1),
-                                model.embed_codes(codes)], dim=1)
-            ones = torch.ones(b, 1 + t, dtype=mask.dtype, device=self.device)
-            attn = torch.cat([mask.to(self.device), ones], dim=1)
-            positions = (attn.cumsum(1) - 1).clamp(min=0)
-            hidden, _ = model.transformer(embeds, attention_mask=attn, position_ids=positions)
-            logits = model.image_logits(hidden[:, ids.shape[1] :])  # <img>, c_1 … c_T predict c_1 … </img>
-        end = torch.full((b, 1), model.codebook_size, dtype=torch.long, device=self.device)
-        targets = torch.cat([codes, end], dim=1)
+    def conditioned_loss(self, ids, mask, history_codes, history_keep, reference, reference_keep,
+                         codes) -> torch.Tensor:
+        """CE of ``codes </img>`` after Pigeon's prompt (caption, style tokens, reference grid, ``<img>``)."""
+        model, device = self.model, self.device
+        b, h, t = history_codes.shape
+        with autocast(device):
+            history = model.embed_codes(history_codes.reshape(b, h * t).to(device)).reshape(b, h, t, -1)
+            context, attention = context_embeds(model, ids.to(device), mask.to(device), history,
+                                                history_keep.float().to(device))
+            style = history_style(history, history_keep.float().to(device))
+            query = query_embeds(model, reference.to(device), reference_keep.float().to(device), context.dtype,
+                                 style=style)
+            target = model.embed_codes(codes.to(device)).to(context.dtype)
+            ones = attention.new_ones(b, query.shape[1] + t)
+            attention = torch.cat([attention, ones], dim=1)
+            positions = (attention.cumsum(1) - 1).clamp(min=0)
+            hidden, _ = model.transformer(torch.cat([context, query, target], dim=1), attention_mask=attention,
+                                          position_ids=positions)
+            start = context.shape[1] + query.shape[1] - 1  # <img>, c_1 … c_T predict c_1 … </img>
+            logits = model.image_logits(hidden[:, start:])
+        end = torch.full((b, 1), model.codebook_size, dtype=torch.long, device=device)
+        targets = torch.cat([codes.to(device), end], dim=1)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def image_sequence_loss(self, ids: torch.Tensor, mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """CE of ``codes </img>`` from the caption alone (no style context, no reference)."""
+        b, t = codes.shape
+        h = self.contexts.history_len
+        none = torch.zeros(b, h, t, dtype=torch.bool)
+        return self.conditioned_loss(ids, mask, codes.new_zeros(b, h, t), none, codes,
+                                     torch.zeros(b, t, dtype=torch.bool), codes)
 
     def diffusion_step(self, step: int, steps: int) -> dict[str, float]:
         idx = epoch_batch(len(self.codes), self.cfg.diffusion_batch_size, step, self.seed, "diffusion")
@@ -306,13 +400,29 @@ def reconstruction_metrics(originals: torch.Tensor, recons: torch.Tensor) -> dic
 
 @torch.no_grad()
 def sample_caption_codes(model: TinyBackbone, captions: list[str], seed: int, temperature: float = 1.0,
-                         top_k: int = 0) -> torch.Tensor:
-    """caption → T visual codes, sampled over the visual vocabulary with a KV cache."""
+                         top_k: int = 0, history_codes: torch.Tensor | None = None,
+                         reference: torch.Tensor | None = None, history_len: int = 5) -> torch.Tensor:
+    """caption (+ optional style context [B, H, T] and fully kept reference grid [B, T]) → T visual codes,
+    sampled over the visual vocabulary with a KV cache. Absent parts enter masked, as in pretraining."""
     device, t = model.device, model.tokens_per_image
     ids, mask = model.tokenize_captions(captions, model.cfg.lm.max_caption_tokens)
     b, generator = len(captions), step_generator(seed, "samples", 0)
-    embeds = torch.cat([model.embed_text(ids), model.special_embedding("img").expand(b, 1, -1)], dim=1)
-    attn = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], dim=1).to(device)
+    has_history = history_codes is not None
+    if history_codes is None:
+        history_codes = torch.zeros(b, history_len, t, dtype=torch.long)
+    history_keep = torch.full(history_codes.shape, float(has_history))
+    if reference is None:
+        reference, reference_keep = torch.zeros(b, t, dtype=torch.long), torch.zeros(b, t)
+    else:
+        reference_keep = torch.ones(b, t)
+    h = history_codes.shape[1]
+    with autocast(device):
+        history = model.embed_codes(history_codes.reshape(b, h * t).to(device)).reshape(b, h, t, -1)
+        context, attn = context_embeds(model, ids.to(device), mask.to(device), history, history_keep.to(device))
+        query = query_embeds(model, reference.to(device), reference_keep.to(device), context.dtype,
+                             style=history_style(history, history_keep.to(device)))
+        embeds = torch.cat([context, query], dim=1)
+    attn = torch.cat([attn, attn.new_ones(b, embeds.shape[1] - attn.shape[1])], dim=1)
     positions = (attn.cumsum(1) - 1).clamp(min=0)
     cache, codes = None, []
     for _ in range(t):
@@ -334,10 +444,31 @@ def sample_caption_codes(model: TinyBackbone, captions: list[str], seed: int, te
 @torch.no_grad()
 def lm_loss(trainer: FoundationTrainer, captions: list[str], codes: torch.Tensor,
             batch_size: int = 64) -> float:
-    """Mean caption → image CE (nats per code) on the given items."""
+    """Mean caption → image CE (nats per code) on the given items, without context or reference."""
     model, total = trainer.model, 0.0
     for lo in range(0, len(codes), batch_size):
         ids, mask = model.tokenize_captions(captions[lo : lo + batch_size], model.cfg.lm.max_caption_tokens)
         chunk = codes[lo : lo + batch_size]
         total += trainer.image_sequence_loss(ids, mask, chunk).item() * len(chunk)
+    return round(total / max(1, len(codes)), 4)
+
+
+@torch.no_grad()
+def conditioned_lm_loss(trainer: FoundationTrainer, captions: list[str], codes: torch.Tensor,
+                        references: torch.Tensor, style: torch.Tensor, with_context: bool = True,
+                        keep: float = 0.5, batch_size: int = 64) -> float:
+    """Mean CE (nats per code) of held-out images given their caption, a seeded style context of training
+    images (or none) and their plain reference view with a seeded ``keep`` share of tokens kept."""
+    model, total = trainer.model, 0.0
+    generator = step_generator(trainer.seed, "holdout-context", 0)
+    t = model.tokens_per_image
+    for lo in range(0, len(codes), batch_size):
+        hi = min(lo + batch_size, len(codes))
+        ids, mask = model.tokenize_captions(captions[lo:hi], model.cfg.lm.max_caption_tokens)
+        context = trainer.contexts.draw(style[lo:hi], None, generator)
+        history_keep = torch.full((hi - lo, context.shape[1], t), with_context)
+        reference_keep = torch.rand(hi - lo, t, generator=generator) < keep
+        loss = trainer.conditioned_loss(ids, mask, trainer.codes[context], history_keep, references[lo:hi],
+                                        reference_keep, codes[lo:hi])
+        total += loss.item() * (hi - lo)
     return round(total / max(1, len(codes)), 4)

@@ -28,7 +28,13 @@ from pigeon.config import Stage1Config
 from pigeon.distributed import DataParallel, is_main
 from pigeon.errors import DataError
 from pigeon.runtime import autocast
-from pigeon.training.checkpoint import batch_rows, freeze_all_but, load_checkpoint, save_checkpoint
+from pigeon.training.checkpoint import (
+    batch_rows,
+    freeze_all_but,
+    load_checkpoint,
+    save_checkpoint,
+    step_generator,
+)
 
 VAL_SEED_OFFSET = 1  # the validation subset and its α_r come from (seed, 1), never from the train order
 
@@ -118,7 +124,8 @@ def train_stage1(
         # Every process draws the same global batch and trains on its share of the rows.
         rows, weight = dp.split(batch_rows(seed, step, len(train_windows), cfg.batch_size))
         dp.seed_step(seed, step)
-        batch = encoder.batch(train_windows.iloc[rows])
+        # each reference takes a random style-stripped view (one stream per step: a resume replays it)
+        batch = encoder.batch(train_windows.iloc[rows], views=step_generator(seed, "stage1-views", step))
         with autocast(device):
             loss, logs = dp.forward(batch.to(device))
         optimizer.zero_grad(set_to_none=True)

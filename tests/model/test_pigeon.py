@@ -35,8 +35,8 @@ def make_model(mode: str = "trained", use_adapter: bool = True, lora: bool = Tru
     model = PigeonModel(tiny_backbone(), cfg)
     if lora:
         model.add_lora(params.stage1.lora)
-        with torch.no_grad():  # LoRA B starts at zero: make the adapter matter for the tests
-            for p in model.trainable_parameters(mask_generator=False, adapter=False):
+        with torch.no_grad():  # LoRA B and the grid adapter's output start at zero: make them matter
+            for p in model.trainable_parameters(mask_generator=False):
                 p.normal_(0, 0.05)
     return model
 
@@ -64,14 +64,26 @@ def model(one_thread) -> PigeonModel:
 
 
 def manual_logps(model: PigeonModel, batch: WindowBatch, codes: torch.Tensor, cond: Conditioning):
-    """Row by row, padding stripped, default positions: the sequence of DESIGN.md §1 built by hand."""
+    """Row by row, padding stripped, default positions: the sequence of docs/design.md §1 built by hand:
+    caption, one style token per history image (mean of its kept token embeddings), the reference grid
+    (token embedding + adapter residual, masked tokens zero, plus the window's history style at the
+    grid tokens' RMS), <img>, codes."""
     bb, out = model.backbone, []
     k = bb.codebook_size
     for i in range(len(batch)):
         caption = batch.caption_ids[i][batch.caption_mask[i].bool()]
-        history = bb.embed_codes(batch.history_codes[i].flatten()) * cond.history_keep[i].flatten()[:, None]
-        emb = model.adapter(bb.condition_features(batch.reference_codes[i:i + 1]), cond.reference_keep[i:i + 1].float())
-        seq = torch.cat([bb.embed_text(caption[None])[0], history, emb, bb.special_embedding("img")[None],
+        styles = []
+        for j in range(model.history_len):
+            kept = cond.history_keep[i, j]
+            embeds = bb.embed_codes(batch.history_codes[i, j][kept])
+            styles.append(embeds.mean(0) if kept.any() else torch.zeros(bb.hidden_size))
+        ref = batch.reference_codes[i]
+        grid = bb.embed_codes(ref) + model.adapter.mlp(bb.condition_features(ref[None])[0])
+        grid = grid * cond.reference_keep[i].float()[:, None]
+        kept = bb.embed_codes(batch.history_codes[i][cond.history_keep[i]])
+        style = kept.mean(0)
+        grid = grid + style * bb.embed_codes(ref).pow(2).mean().sqrt() / style.pow(2).mean().sqrt()
+        seq = torch.cat([bb.embed_text(caption[None])[0], torch.stack(styles), grid, bb.special_embedding("img")[None],
                          bb.embed_codes(codes[i])])
         hidden, _ = bb.transformer(seq[None])
         logp = torch.log_softmax(bb.image_logits(hidden[0, -(codes.shape[1] + 1):]).float(), dim=-1)
@@ -219,15 +231,50 @@ def test_generation_top_k_and_never_end_of_image(model, monkeypatch):
     assert out.conditioning.alpha_ref.tolist() == pytest.approx([0.2, 0.8])
 
 
-def test_no_adapter_uses_plain_emb_token():
+def test_no_adapter_grid_is_the_kept_reference_embeddings():
     model = make_model(use_adapter=False, lora=False).eval()
     assert model.adapter is None
     batch = make_batch(model)
     cond = model.condition(batch, alpha_ref=0.5)
     prefix, _ = model.prefix(batch, cond.history_keep.float(), cond.reference_keep.float())
-    emb_slot = prefix[:, -2]
-    assert torch.equal(emb_slot, model.backbone.special_embedding("emb").expand_as(emb_slot))
+    t = model.backbone.tokens_per_image
+    grid = prefix[:, -(t + 1):-1]
+    tokens = model.backbone.embed_codes(batch.reference_codes)
+    kept = cond.history_keep.float()[..., None]
+    style = (model.backbone.embed_codes(batch.history_codes.flatten(1)).reshape(*kept.shape[:3], -1) * kept
+             ).sum((1, 2)) / kept.sum((1, 2))
+    style = style * tokens.pow(2).mean((1, 2)).sqrt()[:, None] / style.pow(2).mean(-1, keepdim=True).sqrt()
+    expected = tokens * cond.reference_keep.float()[..., None] + style[:, None]
+    torch.testing.assert_close(grid, expected, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(model.loss(batch)[0])
+
+
+def test_pooled_reference_ablation_feeds_one_emb_vector():
+    params = smoke()
+    cfg = params.model.model_copy(update={"reference": "pooled"})
+    torch.manual_seed(0)
+    model = PigeonModel(tiny_backbone(), cfg).eval()
+    batch = make_batch(model)
+    cond = model.condition(batch, alpha_ref=0.5)
+    prefix, attention = model.prefix(batch, cond.history_keep.float(), cond.reference_keep.float())
+    assert prefix.shape[1] == attention.shape[1] == batch.caption_ids.shape[1] + model.history_len + 2
+    pooled = model.adapter(model.backbone.condition_features(batch.reference_codes), cond.reference_keep.float())
+    torch.testing.assert_close(prefix[:, -2], pooled)
+    out = model.generate(batch, 0.5, sampling=SamplingConfig(top_k=1), seed=0)
+    assert out.codes.shape == (B, model.backbone.tokens_per_image)
+
+
+def test_reference_grid_and_style_tokens_change_the_prediction(model):
+    """The two pathways are wired: cutting the reference grid or emptying the history changes the
+    log-probabilities of the same target."""
+    batch = make_batch(model)
+    cond = model.condition(batch, alpha_ref=0.0)
+    no_reference = Conditioning(cond.history_keep, torch.zeros_like(cond.reference_keep), cond.alpha_ref)
+    no_history = Conditioning(torch.zeros_like(cond.history_keep), cond.reference_keep, cond.alpha_ref)
+    with torch.no_grad():
+        full = model.sequence_logps(batch, batch.target_codes, cond)
+        for other in (no_reference, no_history):
+            assert (model.sequence_logps(batch, batch.target_codes, other) - full).abs().min() > 1e-3
 
 
 def test_save_load_trainable_round_trip(tmp_path, model):
@@ -251,6 +298,7 @@ def test_save_load_trainable_round_trip(tmp_path, model):
 def test_window_encoder_and_item_code_cache(tmp_path, synthetic_raw):
     from pigeon.data.raw import load_images, read_items
     from pigeon.models.batching import WindowEncoder, cached_item_codes, item_codes
+    from pigeon.models.personalization import reference_view
     from pigeon.paths import Workspace
 
     ws = Workspace.at(tmp_path)
@@ -260,23 +308,33 @@ def test_window_encoder_and_item_code_cache(tmp_path, synthetic_raw):
     backbone.save_pretrained(ws.foundation)
     params = smoke()
     items = read_items(ws.raw)
-    codes = cached_item_codes(params, ws, backbone)
+    found = cached_item_codes(params, ws, backbone)
+    codes, views = found.codes, found.reference
     assert codes.shape == (len(items), backbone.tokens_per_image)
+    assert views.shape == (len(items), params.model.reference_views + 1, backbone.tokens_per_image)
     cache = list((ws.root / ".pigeon" / "cache").glob("codes-*.safetensors"))
     assert len(cache) == 1
     stamp = cache[0].stat().st_mtime_ns
-    assert torch.equal(cached_item_codes(params, ws, backbone), codes) and cache[0].stat().st_mtime_ns == stamp
+    assert torch.equal(cached_item_codes(params, ws, backbone).reference, views)
+    assert cache[0].stat().st_mtime_ns == stamp
     images = load_images(ws.raw, 32, items)[:5]
     assert torch.equal(item_codes(backbone, images, batch_size=2), codes[:5])
+    # view 0 is the plain grayscale reference; the training views differ from it
+    assert torch.equal(item_codes(backbone, reference_view(images)), views[:5, 0])
+    assert not torch.equal(views[:, 1], views[:, 0])
 
     cfg = ModelConfig()
     windows = pd.DataFrame({**{f"history_{i}": [i, i + 1] for i in range(5)},
                             "target_item": [7, 9], "reference_item": [11, 3]})
-    batch = WindowEncoder(backbone, codes, items, cfg, 12).batch(windows, reference_col="reference_item")
+    encoder = WindowEncoder(backbone, found, items, cfg, 12)
+    batch = encoder.batch(windows, reference_col="reference_item")
     assert torch.equal(batch.history_codes[1, 4], codes[5])
-    assert torch.equal(batch.reference_codes, codes[[11, 3]]) and torch.equal(batch.target_codes, codes[[7, 9]])
+    assert torch.equal(batch.reference_codes, views[[11, 3], 0]) and torch.equal(batch.target_codes, codes[[7, 9]])
+    trained = encoder.batch(windows, views=torch.Generator().manual_seed(0))
+    assert all(any(torch.equal(trained.reference_codes[r], views[i, v]) for v in range(views.shape[1]))
+               for r, i in enumerate([7, 9]))
     ids, _ = backbone.tokenize_captions([items.loc[11, "name"]], 12)
     assert torch.equal(batch.caption_ids[0], ids[0])
-    none = WindowEncoder(backbone, codes, items, cfg, 12).batch(windows, target_col=None)
-    assert none.target_codes is None and torch.equal(none.reference_codes, codes[[7, 9]])
+    none = encoder.batch(windows, target_col=None)
+    assert none.target_codes is None and torch.equal(none.reference_codes, views[[7, 9], 0])
     assert np.array_equal(batch.caption_mask.sum(1).numpy() > 0, [True, True])
