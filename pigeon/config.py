@@ -139,7 +139,7 @@ class BackboneConfig(Section):
 
 
 class FoundationConfig(Section):
-    vq_steps: int = Field(300, ge=0)
+    vq_steps: int = Field(1000, ge=0)
     vq_batch_size: int = Field(64, ge=1)
     vq_lr: float = Field(1e-3, gt=0)
     dead_code_every: int = Field(50, ge=1, description="Re-seed unused codes every N steps.")
