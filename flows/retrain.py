@@ -1,4 +1,4 @@
-"""The ``retrain`` Prefect flow: every pipeline stage as a cached task (DESIGN.md §4).
+"""The ``retrain`` Prefect flow: every pipeline stage as a cached task (docs/design.md §4).
 
 Each task calls the same function as ``pigeon stage NAME`` and ``dvc repro``. A task's cache key is
 the stage name + the params keys, data inputs and code that ``dvc.yaml`` lists for it (content

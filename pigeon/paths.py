@@ -1,4 +1,4 @@
-"""The workspace layout: where every stage reads and writes (DESIGN.md §4)."""
+"""The workspace layout: where every stage reads and writes (docs/design.md §4)."""
 
 from __future__ import annotations
 

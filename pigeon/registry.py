@@ -36,6 +36,15 @@ class Scores:
 class Decision:
     promote: bool
     why: str
+    rule: str = ""  # the rule that decided: the first that failed, or "all rules passed"
+    checks: tuple = ()  # every rule checked: (name, passed, detail)
+
+    def report(self) -> dict:
+        return {"rule": self.rule, "checks": [{"rule": n, "passed": ok, "detail": d} for n, ok, d in self.checks]}
+
+
+BASELINE_ROWS = ("stage1", "foundation")  # the generative rows a candidate must hold its semantics against
+ZERO_SHOT_ROW = "foundation"
 
 
 # --- reading the evaluation's headline numbers ---------------------------------------------------
@@ -67,9 +76,15 @@ def _walk(obj: Any, keys: tuple[str, ...]) -> Any:
     return obj
 
 
-def candidate_scores(metrics: dict, cfg, source: str | Path) -> Scores:
-    return Scores(headline_score(metrics, cfg.protocol, METHOD, cfg.personalization_metric, source),
-                  headline_score(metrics, cfg.protocol, METHOD, cfg.semantic_metric, source))
+def candidate_scores(metrics: dict, cfg, source: str | Path, method: str = METHOD) -> Scores:
+    return Scores(headline_score(metrics, cfg.protocol, method, cfg.personalization_metric, source),
+                  headline_score(metrics, cfg.protocol, method, cfg.semantic_metric, source))
+
+
+def baseline_scores(metrics: dict, cfg, source: str | Path) -> dict[str, Scores]:
+    """The same evaluation run's generative baselines (stage 1, the zero-shot foundation) that it holds."""
+    rows = metrics.get(cfg.protocol, {})
+    return {row: candidate_scores(metrics, cfg, source, row) for row in BASELINE_ROWS if row in rows}
 
 
 def score_tags(cfg, scores: Scores) -> dict[str, str]:
@@ -89,26 +104,59 @@ def version_scores(version, cfg) -> Scores | None:
 # --- the gate ---------------------------------------------------------------------------------------
 
 
-def gate(candidate: Scores, champion: Scores | None, cfg, champion_version: str | None = None) -> Decision:
-    """Promote when there is no champion, or personalization gains more than ``min_gain`` and the
-    semantic metric drops by at most ``semantic_tolerance``."""
+def gate(candidate: Scores, champion: Scores | None, cfg, champion_version: str | None = None,
+         baselines: dict[str, Scores] | None = None) -> Decision:
+    """Promote only when every rule passes, checked in this order:
+
+    1. ``floors``: personalization ≥ ``min_personalization`` and semantics ≥ ``min_semantic``;
+    2. ``beats_zero_shot``: personalization beats the same run's zero-shot ``foundation`` row by more
+       than ``min_gain`` (a run without that row fails: nothing shows the training helped);
+    3. ``keeps_semantics``: semantics within ``semantic_tolerance`` of the best generative baseline
+       (``stage1``, ``foundation``) of the same run;
+    4. ``beats_champion``: with a champion, personalization gains more than ``min_gain`` over it and
+       semantics drop by at most ``semantic_tolerance``. Being the first version earns nothing."""
     p_name, s_name = cfg.personalization_metric, cfg.semantic_metric
-    if champion_version is None:
-        return Decision(True, "no champion yet")
-    if champion is None:
-        return Decision(False, f"champion v{champion_version} has no recorded {cfg.protocol} {p_name}/{s_name}; "
-                               "promote by hand with `pigeon promote --version N`")
-    gain = candidate.personalization - champion.personalization
-    drop = champion.semantic - candidate.semantic
-    p_text = (f"{p_name} {candidate.personalization:.4f} vs champion v{champion_version} "
-              f"{champion.personalization:.4f} (gain {gain:+.4f}, needs > {cfg.min_gain})")
-    s_text = f"{s_name} {candidate.semantic:.4f} vs {champion.semantic:.4f} (drop {drop:+.4f}, " \
-             f"allowed <= {cfg.semantic_tolerance})"
-    if gain <= cfg.min_gain + EPS:
-        return Decision(False, f"not promoted: {p_text}")
-    if drop > cfg.semantic_tolerance + EPS:
-        return Decision(False, f"not promoted: {s_text}")
-    return Decision(True, f"promoted: {p_text}; {s_text}")
+    baselines = baselines or {}
+    checks = []
+
+    def check(name: str, passed: bool, detail: str) -> None:
+        checks.append((name, bool(passed), detail))
+
+    check("floors", candidate.personalization >= cfg.min_personalization - EPS
+          and candidate.semantic >= cfg.min_semantic - EPS,
+          f"{p_name} {candidate.personalization:.4f} (floor {cfg.min_personalization}), "
+          f"{s_name} {candidate.semantic:.4f} (floor {cfg.min_semantic})")
+    zero_shot = baselines.get(ZERO_SHOT_ROW)
+    if zero_shot is None:
+        check("beats_zero_shot", False, f"the evaluation has no {ZERO_SHOT_ROW} row to compare with")
+    else:
+        gain = candidate.personalization - zero_shot.personalization
+        check("beats_zero_shot", gain > cfg.min_gain + EPS,
+              f"{p_name} {candidate.personalization:.4f} vs zero-shot {zero_shot.personalization:.4f} "
+              f"(gain {gain:+.4f}, needs > {cfg.min_gain})")
+    if baselines:
+        best_row = max(baselines, key=lambda row: baselines[row].semantic)
+        drop = baselines[best_row].semantic - candidate.semantic
+        check("keeps_semantics", drop <= cfg.semantic_tolerance + EPS,
+              f"{s_name} {candidate.semantic:.4f} vs {best_row} {baselines[best_row].semantic:.4f} "
+              f"(drop {drop:+.4f}, allowed <= {cfg.semantic_tolerance})")
+    if champion_version is not None:
+        if champion is None:
+            check("beats_champion", False, f"champion v{champion_version} has no recorded {cfg.protocol} "
+                  f"{p_name}/{s_name}; promote by hand with `pigeon promote --version N`")
+        else:
+            gain = candidate.personalization - champion.personalization
+            drop = champion.semantic - candidate.semantic
+            check("beats_champion", gain > cfg.min_gain + EPS and drop <= cfg.semantic_tolerance + EPS,
+                  f"{p_name} {candidate.personalization:.4f} vs champion v{champion_version} "
+                  f"{champion.personalization:.4f} (gain {gain:+.4f}, needs > {cfg.min_gain}); {s_name} "
+                  f"{candidate.semantic:.4f} vs {champion.semantic:.4f} (drop {drop:+.4f}, allowed <= "
+                  f"{cfg.semantic_tolerance})")
+    failed = next((c for c in checks if not c[1]), None)
+    if failed is not None:
+        return Decision(False, f"not promoted ({failed[0]}): {failed[2]}", failed[0], tuple(checks))
+    first = "" if champion_version is not None else "no champion yet; "
+    return Decision(True, "promoted: " + first + "; ".join(c[2] for c in checks), "all rules passed", tuple(checks))
 
 
 # --- aliases ----------------------------------------------------------------------------------------

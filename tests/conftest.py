@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The offline switches of STACK.md, for the test session (never at library import time).
+# The offline switches (docs/design.md §8), for the test session (never at library import time).
 from pigeon.runtime import OFFLINE_ENV  # noqa: E402
 
 for _key, _value in OFFLINE_ENV.items():
@@ -26,7 +26,7 @@ os.environ.pop("PIGEON_PROFILE", None)
 SMOKE_STYLES = ("twemoji", "noto", "openmoji", "fluent-3d")
 SMOKE_OVERRIDES = (f"data.styles={list(SMOKE_STYLES)}", "simulate.num_users=60")
 
-# Stage order of the pipeline (DESIGN.md §4); each entry's prerequisites are the ones before it.
+# Stage order of the pipeline (docs/design.md §4); each entry's prerequisites are the ones before it.
 ORDER = ("simulate", "validate", "foundation", "evaluators", "stage1", "candidates", "rank", "dpo",
          "evaluate", "register")
 

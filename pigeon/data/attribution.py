@@ -1,4 +1,4 @@
-"""The ATTRIBUTION.md shipped inside the built dataset (DATA.md, licences).
+"""The ATTRIBUTION.md shipped inside the built dataset (docs/design.md §7, licences).
 
 CC-BY-4.0 (Twemoji, Emoji One) and CC-BY-SA-4.0 (OpenMoji) need credit, a licence link and a note
 of the changes; OpenMoji-derived images stay CC-BY-SA-4.0. Apache-2.0 (Noto) needs the licence text,

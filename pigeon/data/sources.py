@@ -1,4 +1,4 @@
-"""The pinned package tarballs the raw dataset is built from (DATA.md), one row per style.
+"""The pinned package tarballs the raw dataset is built from (docs/design.md §7), one row per style.
 
 Every tarball is checked against its ``integrity`` (the registry's ``dist.integrity``, sha512) before
 it is read, so a build either uses exactly these bytes or fails.

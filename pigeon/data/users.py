@@ -1,4 +1,4 @@
-"""Simulated users (DESIGN.md §3): interaction sequences, sliding windows, split by user.
+"""Simulated users (docs/design.md §3): interaction sequences, sliding windows, split by user.
 
 Each user prefers one style and 1–3 emoji groups. A sequence draws ``group_focus`` of its emoji
 from the preferred groups; each position is noise (the emoji in another style) with probability

@@ -1,4 +1,4 @@
-"""Evaluation encoders (DESIGN.md §5): a small CNN trained here on real images, and optional local
+"""Evaluation encoders (docs/design.md §5): a small CNN trained here on real images, and optional local
 CLIP/DINO models.
 
 The CNN has two heads — style (which vendor drew it) and content (which emoji) — and its
@@ -85,6 +85,21 @@ def augment(images: torch.Tensor, generator: torch.Generator, max_shift: int = 3
     return (moved + offset).clamp(-1.0, 1.0)
 
 
+def content_view(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A style-destroyed view per image for the content head: grayscale, black line art on white (the
+    edges of the luminance), or a random swap of the colour channels, one of them at random. What
+    emoji it is survives; the vendor's palette and fills do not."""
+    n = images.shape[0]
+    gray = (images * torch.tensor([0.299, 0.587, 0.114], device=images.device)[None, :, None, None]).sum(1, keepdim=True)
+    gx = F.pad(gray[..., :, 1:] - gray[..., :, :-1], (0, 1, 0, 0)).abs()
+    gy = F.pad(gray[..., 1:, :] - gray[..., :-1, :], (0, 0, 0, 1)).abs()
+    lines = torch.where(gx + gy > 0.25, -1.0, 1.0)
+    perm = torch.stack([torch.randperm(3, generator=generator) for _ in range(n)]).to(images.device)
+    swapped = images.gather(1, perm[:, :, None, None].expand_as(images))
+    kind = torch.randint(0, 3, (n, 1, 1, 1), generator=generator).to(images.device)
+    return torch.where(kind == 0, gray.expand_as(images), torch.where(kind == 1, lines.expand_as(images), swapped))
+
+
 @dataclass(frozen=True)
 class HoldoutSplit:
     style_train: np.ndarray  # bool [N]: the style label is used for training
@@ -123,18 +138,20 @@ class Evaluator:
     def predict(self, images_uint8: np.ndarray, batch_size: int = 512) -> dict[str, np.ndarray]:
         """→ features [N, D] float32, style and content predictions as class indices [N]."""
         self.net.eval()
-        feats, styles, contents = [], [], []
+        feats, styles, contents, top5 = [], [], [], []
         for start in range(0, len(images_uint8), batch_size):
             x = to_model_input(images_uint8[start : start + batch_size], self.image_size, self.device)
             f, s, c = self.net(x)
             feats.append(f.float().cpu())
             styles.append(s.argmax(-1).cpu())
             contents.append(c.argmax(-1).cpu())
+            top5.append(c.topk(min(5, c.shape[-1]), dim=-1).indices.cpu())
         if not feats:
             return {"features": np.zeros((0, self.net.embed[0].out_features), np.float32),
-                    "style": np.zeros(0, np.int64), "content": np.zeros(0, np.int64)}
+                    "style": np.zeros(0, np.int64), "content": np.zeros(0, np.int64),
+                    "content_top5": np.zeros((0, 5), np.int64)}
         return {"features": torch.cat(feats).numpy(), "style": torch.cat(styles).numpy(),
-                "content": torch.cat(contents).numpy()}
+                "content": torch.cat(contents).numpy(), "content_top5": torch.cat(top5).numpy()}
 
     def style_index(self, names) -> np.ndarray:
         lookup = {s: i for i, s in enumerate(self.styles)}
@@ -147,11 +164,13 @@ class Evaluator:
 
 def _accuracies(evaluator: Evaluator, images: np.ndarray, items: pd.DataFrame, mask: np.ndarray) -> dict[str, float]:
     if not mask.any():
-        return {"style": float("nan"), "content": float("nan"), "n": 0}
+        return {"style": float("nan"), "content": float("nan"), "content_top5": float("nan"), "n": 0}
     pred = evaluator.predict(images[mask])
     sub = items[mask]
+    content = evaluator.content_index(sub["emoji_key"])
     return {"style": float((pred["style"] == evaluator.style_index(sub["style"])).mean()),
-            "content": float((pred["content"] == evaluator.content_index(sub["emoji_key"])).mean()),
+            "content": float((pred["content"] == content).mean()),
+            "content_top5": float((pred["content_top5"] == content[:, None]).any(axis=1).mean()),
             "n": int(mask.sum())}
 
 
@@ -161,6 +180,7 @@ def _held_out_report(evaluator: Evaluator, images: np.ndarray, items: pd.DataFra
     train = _accuracies(evaluator, images, items, split.style_train & split.content_train)
     return {"style_accuracy": held_style["style"],  # on held-out emoji
             "content_accuracy": held_content["content"],  # on the held-out style
+            "content_top5_accuracy": held_content["content_top5"],
             "train_style_accuracy": train["style"], "train_content_accuracy": train["content"],
             "holdout_emoji_images": held_style["n"], "holdout_style_images": held_content["n"]}
 
@@ -210,9 +230,15 @@ def train_evaluator(images: np.ndarray, items: pd.DataFrame, cfg: EvaluatorsConf
         index = torch.as_tensor(order[cursor : cursor + cfg.batch_size], device=device)
         cursor += cfg.batch_size
         x = augment(all_x[index], generator)
+        s_mask, c_mask = style_ok[index], content_ok[index]
+        if cfg.content_views:  # a second, style-destroyed copy of the batch: content labels only
+            cpu_generator = torch.Generator().manual_seed(seed * 100_003 + step)
+            x = torch.cat([x, content_view(x, cpu_generator)])
+            c_mask = torch.cat([c_mask, c_mask])
+            s_mask = torch.cat([s_mask, torch.zeros_like(s_mask)])
+            index = torch.cat([index, index])
         with autocast if autocast is not None else nullcontext():
             _, style_logits, content_logits = net(x)
-        s_mask, c_mask = style_ok[index], content_ok[index]
         zero = style_logits.sum() * 0.0  # a batch may hold no label of one kind
         loss_style = F.cross_entropy(style_logits.float()[s_mask], style_y[index][s_mask]) if s_mask.any() else zero
         loss_content = (F.cross_entropy(content_logits.float()[c_mask], content_y[index][c_mask])

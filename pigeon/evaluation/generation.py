@@ -1,4 +1,4 @@
-"""The generative rows of the evaluation, made one shard of test windows at a time (DESIGN.md §5).
+"""The generative rows of the evaluation, made one shard of test windows at a time (docs/design.md §5).
 
 The test windows are cut into shards of whole generation batches (:func:`shard_size`); the batch
 that starts at plan position ``i`` draws, under protocol ``p``, from ``seed + PROTOCOL_STRIDE·p + i``.

@@ -29,9 +29,9 @@ GENERATIVE = ("pigeon", "pigeon_select", "stage1", "foundation", "no_history_mas
 BASELINES = ("reference_copy", "nearest_history", "tokenizer_ceiling", "truth")
 METHODS = ("pigeon", "pigeon_select", "stage1", "foundation", "reference_copy", "nearest_history",
            "no_history_mask", "untrained_mask_generator", "no_adapter", "tokenizer_ceiling", "truth")
-SELECT_WEIGHTS = {"w_history": 0.5, "w_reference": 0.5}  # inference-time selection (DESIGN.md §1)
+SELECT_WEIGHTS = {"w_history": 0.5, "w_reference": 0.5}  # inference-time selection (docs/design.md §1)
 
-# Where each protocol takes the reference and the truth from (DESIGN.md §3).
+# Where each protocol takes the reference and the truth from (docs/design.md §3).
 PROTOCOLS = {
     "ground_truth": {"reference": "reference_item", "truth": "gt_item"},
     "paper": {"reference": "paper_reference_item", "truth": "target_item"},

@@ -1,4 +1,4 @@
-"""Image and feature metrics of the evaluation (DESIGN.md §5): SSIM, PSNR, cosine similarity,
+"""Image and feature metrics of the evaluation (docs/design.md §5): SSIM, PSNR, cosine similarity,
 Fréchet distance, accuracies and seeded bootstrap intervals.
 
 Images are float tensors [N, 3, H, W] in [0, 1]; features are [N, D] arrays or tensors.
@@ -160,7 +160,7 @@ def _rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class WindowScorer:
-    """Scores one image per test window against its history, reference and truth (DESIGN.md §5).
+    """Scores one image per test window against its history, reference and truth (docs/design.md §5).
 
     ``evaluator`` is the trained evaluation CNN (``Evaluator.predict``); ``pretrained`` maps a name
     ("clip", "dino") to an encoder with ``features(images_uint8)``, scored on similarities only.
@@ -202,6 +202,7 @@ class WindowScorer:
             .reshape(w, h).mean(axis=1),
             "history_ssim": hist_ssim.reshape(w, h).mean(dim=1).numpy(),
             "content_correct": (pred["content"] == expected_content).astype(np.float64),
+            "content_top5_correct": (pred["content_top5"] == expected_content[:, None]).any(axis=1).astype(np.float64),
             "reference_similarity": _rowwise_cosine(feats, real_feats[reference]),
             "gt_similarity": _rowwise_cosine(feats, real_feats[truth]),
             "gt_ssim": ssim(gen, truth_pixels).numpy(),

@@ -29,6 +29,7 @@ HEADLINE = (
     Metric("history_similarity", "history_similarity", "hist sim", True, "personalization"),
     Metric("history_ssim", "history_ssim", "hist SSIM", True, "personalization"),
     Metric("content_accuracy", "content_correct", "content acc", True, "semantics"),
+    Metric("content_top5_accuracy", "content_top5_correct", "content top-5", True, "semantics"),
     Metric("reference_similarity", "reference_similarity", "ref sim", True, "semantics"),
     Metric("gt_similarity", "gt_similarity", "truth sim", True, "semantics"),
     Metric("frechet_distance", "", "FD", False, "fidelity"),
@@ -68,12 +69,15 @@ def _fmt(value: float, key: str) -> str:
         return "–"
     if key.endswith("psnr") or key == "frechet_distance":
         return f"{value:.2f}"
+    if key == "chance":
+        return f"{value:.4f}" if value < 0.01 else f"{value:.3f}"
     return f"{value:.3f}"
 
 
 def results_table(values: dict[str, dict[str, float]], intervals: dict[str, dict[str, list[float]]],
-                  metrics: tuple[Metric, ...], methods: list[str]) -> str:
-    """Markdown table, one row per method, the best value of each column in bold."""
+                  metrics: tuple[Metric, ...], methods: list[str], chance: dict[str, float] | None = None) -> str:
+    """Markdown table, one row per method, the best value of each column in bold, and last a *chance*
+    row with the chance level of the accuracies (``chance``)."""
     shown = [m for m in metrics if any(m.key in values.get(method, {}) for method in methods)]
     best = {}
     for m in shown:
@@ -95,6 +99,21 @@ def results_table(values: dict[str, dict[str, float]], intervals: dict[str, dict
                 text += f" [{_fmt(low, m.key)}, {_fmt(high, m.key)}]"
             cells.append(text)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if chance:
+        cells = [_fmt(chance[m.key], "chance") if m.key in chance else "" for m in shown]
+        lines.append("| *chance* | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def split_table(split: dict[str, dict[str, dict[str, float]]], methods: list[str]) -> str:
+    """Style and content accuracy of each method on windows whose emoji the foundation saw in training
+    and on the held-out emoji (``split[method][part]`` with part ``seen`` / ``held_out``)."""
+    lines = ["| method | style acc, seen emoji | content acc, seen emoji | style acc, held-out emoji | "
+             "content acc, held-out emoji |", "|---|---|---|---|---|"]
+    for method in methods:
+        cells = [_fmt(split[method][part][key], key) for part in ("seen", "held_out")
+                 for key in ("style_accuracy", "content_accuracy")]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -114,7 +133,8 @@ def write_results_md(path, metrics_json: dict, metrics: tuple[Metric, ...], meth
         "",
         (f"Evaluators (a CNN trained here on real images only, never on generated ones, never the reward "
         f"encoder): style accuracy {ev['style_accuracy']:.3f} on held-out emoji, content accuracy "
-        f"{ev['content_accuracy']:.3f} on the held-out style `{ev['holdout_style']}` "
+        f"{ev['content_accuracy']:.3f} (top-5 {ev.get('content_top5_accuracy', float('nan')):.3f}) on the held-out "
+        f"style `{ev['holdout_style']}` "
         f"(chance {ev['style_accuracy_chance']:.3f} / {ev['content_accuracy_chance']:.4f}), measured at step "
         f"{ev.get('measured_at_step', '?')}, after which the held-out labels joined training."),
         "",
@@ -122,7 +142,13 @@ def write_results_md(path, metrics_json: dict, metrics: tuple[Metric, ...], meth
     ]
     for protocol, note in protocol_notes.items():
         parts += ["", f"## Protocol `{protocol}`", "", note, "",
-                  results_table(metrics_json[protocol], metrics_json["ci95"][protocol], metrics, methods)]
+                  results_table(metrics_json[protocol], metrics_json["ci95"][protocol], metrics, methods,
+                                metrics_json.get("chance"))]
+        if "by_emoji" in metrics_json:
+            windows = metrics_json["by_emoji"]["windows"]
+            parts += ["", (f"By emoji: {windows['seen']} windows whose emoji the foundation saw in training (in "
+                           f"other styles, or this one), {windows['held_out']} whose emoji it never saw:"), "",
+                      split_table(metrics_json["by_emoji"][protocol], methods)]
     parts += ["", ("Metric definitions: style acc = the evaluator names the user's preferred style; hist sim = "
               "mean cosine similarity of evaluator features to the 5 history images; hist SSIM = mean SSIM to "
               "them; content acc = the evaluator names the reference's emoji; ref / truth sim = feature "

@@ -1,4 +1,4 @@
-"""The backbone interface (DESIGN.md §2): everything the Pigeon model needs from an LMM.
+"""The backbone interface (docs/design.md §2): everything the Pigeon model needs from an LMM.
 
 Code above this interface never asks which backbone it has. Two implementations:
 ``pigeon.models.tiny.TinyBackbone`` (built-in, trained here) and ``pigeon.models.janus.JanusBackbone``.

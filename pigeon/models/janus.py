@@ -1,4 +1,4 @@
-"""The real-scale backbone: transformers ``JanusForConditionalGeneration`` from a local folder (DESIGN.md §2).
+"""The real-scale backbone: transformers ``JanusForConditionalGeneration`` from a local folder (docs/design.md §2).
 
 Parts used: the VQ model (encode / decode, codebook vectors as condition features), the generation
 embeddings + aligner (visual code → LM input), the Llama language model (the LoRA target), the

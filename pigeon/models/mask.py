@@ -1,4 +1,4 @@
-"""The mask generator: a token-level noise filter over the history and reference images (DESIGN.md §1).
+"""The mask generator: a token-level noise filter over the history and reference images (docs/design.md §1).
 
 Input: the LMM input embeddings of the H history images and of the reference image, plus a
 per-image position embedding and a type embedding (history / reference). One transformer encoder

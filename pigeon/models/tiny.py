@@ -1,4 +1,4 @@
-"""The built-in ``tiny`` backbone (DESIGN.md §2), trained from scratch by the foundation stage.
+"""The built-in ``tiny`` backbone (docs/design.md §2), trained from scratch by the foundation stage.
 
 - visual tokenizer: diffusers ``VQModel`` (×4 down at 32 px → 8×8 = 64 codes, codebook K);
 - detokenizer: the VQ decoder, or the LaVIT-style diffusion decoder (``pigeon.models.diffusion``);

@@ -1,4 +1,4 @@
-"""Stage ``evaluate``: generate every test image with every method and score it (DESIGN.md §5).
+"""Stage ``evaluate``: generate every test image with every method and score it (docs/design.md §5).
 
 Reads the raw items, the test and training windows, ``models/{foundation,stage1,dpo,evaluators}``.
 Generation is sharded: ``artifacts/evaluate/shard-XXXXX.{safetensors,json}`` hold each shard's
@@ -165,6 +165,30 @@ def _window_rows(windows: pd.DataFrame, items: pd.DataFrame, protocol: str) -> p
     })
 
 
+def emoji_split(params: Params, windows: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
+    """bool [W]: the window's emoji is one the foundation held out of its training (docs/design.md §5)."""
+    from pigeon.training.foundation import split_holdout
+
+    _, held_ids = split_holdout(items, params.foundation.holdout_fraction, params.seed)
+    held = set(items.loc[held_ids, "emoji_key"])
+    return windows["target_emoji"].isin(held).to_numpy()
+
+
+def split_scores(index: pd.DataFrame, held_out: np.ndarray, windows: pd.DataFrame) -> dict:
+    """{protocol: {method: {seen|held_out: {style_accuracy, content_accuracy}}}} from the index rows."""
+    flag = dict(zip(windows["window_id"].astype(str), held_out))
+    rows = index[index["method"].isin(METHODS)].assign(held=lambda f: f["window_id"].map(flag))
+    out: dict = {}
+    for (protocol, method), group in rows.groupby(["protocol", "method"]):
+        parts = {}
+        for part, mask in (("seen", ~group["held"].astype(bool)), ("held_out", group["held"].astype(bool))):
+            sub = group[mask]
+            parts[part] = {"style_accuracy": float(sub["style_correct"].mean()) if len(sub) else float("nan"),
+                           "content_accuracy": float(sub["content_correct"].mean()) if len(sub) else float("nan")}
+        out.setdefault(protocol, {})[method] = parts
+    return out
+
+
 def _score_all(params, windows, items, outputs, scorer, metric_list):
     """→ (index rows, values, intervals, sweep plot rows, chosen-α counts)."""
     cfg, seed, hl = params.evaluate, params.seed, params.model.history_len
@@ -270,7 +294,13 @@ def run(params: Params, ws: Workspace) -> dict:
         write_csv(plots / f"alpha_sweep_{protocol}.csv", sweep_curves[protocol])
     grids = _write_grids(ws, params, windows, items, item_images, outputs)
 
-    metrics = {**values, "ci95": intervals, "evaluators": evaluator_report, "test_windows": len(windows),
+    held_out = emoji_split(params, windows, items)
+    by_emoji = {**split_scores(index, held_out, windows),
+                "windows": {"seen": int((~held_out).sum()), "held_out": int(held_out.sum())}}
+    chance = {"style_accuracy": 1.0 / len(evaluator.styles), "content_accuracy": 1.0 / len(evaluator.emoji_keys),
+              "content_top5_accuracy": min(1.0, 5.0 / len(evaluator.emoji_keys))}
+    metrics = {**values, "ci95": intervals, "chance": chance, "by_emoji": by_emoji,
+               "evaluators": evaluator_report, "test_windows": len(windows),
                "bootstrap": cfg.bootstrap, "frechet_bootstrap": min(cfg.bootstrap, FRECHET_RESAMPLES),
                "alpha_ref": cfg.alpha_ref, "histories": "simulated",
                "pigeon_select": {"alpha_sweep": list(cfg.select_sweep), "weights": SELECT_WEIGHTS,

@@ -1,4 +1,4 @@
-"""Stage ``evaluators``: train the evaluation CNN on real images of every style (DESIGN.md §5).
+"""Stage ``evaluators``: train the evaluation CNN on real images of every style (docs/design.md §5).
 
 Reads ``data/raw`` only; writes ``models/evaluators/`` (``model.safetensors``, ``config.json``,
 ``metrics.json``, ``curves.csv``, replaced atomically) and ``reports/evaluators.json`` with the
@@ -19,7 +19,8 @@ from pigeon.io import atomic_dir, atomic_write_text, write_json
 from pigeon.paths import Workspace
 from pigeon.runtime import autocast, resolve_device
 
-SUMMARY_KEYS = ("style_accuracy", "content_accuracy", "style_accuracy_chance", "content_accuracy_chance",
+SUMMARY_KEYS = ("style_accuracy", "content_accuracy", "content_top5_accuracy", "style_accuracy_chance",
+                "content_accuracy_chance",
                 "holdout_style", "measured_at_step", "train_style_accuracy", "train_content_accuracy",
                 "final_style_accuracy_all_images", "final_content_accuracy_all_images", "num_styles", "num_emoji")
 

@@ -123,7 +123,9 @@ def run(params: Params, ws: Workspace) -> dict:
 
     cfg = params.register
     metrics_path = ws.reports / "metrics.json"
-    scores = registry.candidate_scores(read_json(metrics_path), cfg, metrics_path)
+    metrics = read_json(metrics_path)
+    scores = registry.candidate_scores(metrics, cfg, metrics_path)
+    baselines = registry.baseline_scores(metrics, cfg, metrics_path)
     report = {"model_name": cfg.model_name, "protocol": cfg.protocol,
               "candidate": {cfg.personalization_metric: scores.personalization,
                             cfg.semantic_metric: scores.semantic}}
@@ -142,7 +144,7 @@ def run(params: Params, ws: Workspace) -> dict:
 
     champion = registry.get_version(client, cfg.model_name, registry.CHAMPION)
     champion_scores = registry.version_scores(champion, cfg) if champion is not None else None
-    decision = registry.gate(scores, champion_scores, cfg, champion.version if champion else None)
+    decision = registry.gate(scores, champion_scores, cfg, champion.version if champion else None, baselines)
     if decision.promote:
         registry.promote(client, cfg.model_name, version.version, f"gate: {decision.why}")
     client.update_model_version(cfg.model_name, version.version, description=decision.why)
@@ -152,14 +154,17 @@ def run(params: Params, ws: Workspace) -> dict:
         version=int(version.version),
         model_uri=f"models:/{cfg.model_name}/{version.version}",
         run_id=run_id,
-        decision="promoted" if decision.promote else "kept champion",
+        decision="promoted" if decision.promote else ("kept champion" if champion else "not promoted"),
         promoted=decision.promote,
         why=decision.why,
+        **decision.report(),
+        baselines={row: {cfg.personalization_metric: b.personalization, cfg.semantic_metric: b.semantic}
+                   for row, b in baselines.items()},
         champion_before=None if champion is None else {
             "version": int(champion.version),
             **({cfg.personalization_metric: champion_scores.personalization,
                 cfg.semantic_metric: champion_scores.semantic} if champion_scores else {})},
-        champion_after=int(version.version) if decision.promote else int(champion.version),
+        champion_after=int(version.version) if decision.promote else (int(champion.version) if champion else None),
     )
     write_json(ws.reports / "registry.json", report)
     return {"version": int(version.version), "promoted": decision.promote,

@@ -1,4 +1,4 @@
-"""Foundation pretraining of the tiny backbone (the role of LaVIT's pretraining, DESIGN.md §2).
+"""Foundation pretraining of the tiny backbone (the role of LaVIT's pretraining, docs/design.md §2).
 
 Three phases, each resumable from ``checkpoint_every``-step checkpoints:
 (a) ``vq``: the VQ tokenizer on images (AdamW, bf16 autocast with the quantizer in fp32, codebook

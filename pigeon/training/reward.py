@@ -1,4 +1,4 @@
-"""Reward ranking of candidates (DESIGN.md §1).
+"""Reward ranking of candidates (docs/design.md §1).
 
 Reward = w_history · mean cosine similarity to the window's history images
        + w_reference · cosine similarity to its reference image.

@@ -1,4 +1,4 @@
-"""Stage 1: masked preference reconstruction (DESIGN.md §1).
+"""Stage 1: masked preference reconstruction (docs/design.md §1).
 
 A window's target is also its reference, masked with α_r ~ U(0, 1) per sample (drawn inside
 ``PigeonModel.loss``); the loss is cross-entropy on the target's visual tokens. LoRA on the LM,

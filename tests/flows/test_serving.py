@@ -29,11 +29,18 @@ CHAMPION = "models:/pigeon@champion"
 
 @pytest.fixture(scope="module")
 def served(smoke):
-    """The smoke pipeline up to register (its first version is the champion) + one test window."""
+    """The smoke pipeline up to register + one test window. A 2-minute smoke model does not clear the
+    promotion gate's floors, so version 1 is made champion by hand, as an operator would."""
+    from pigeon import registry
     from pigeon.data.raw import image_path, read_items
     from pigeon.data.users import history_columns, read_windows
+    from pigeon.tracking import connect
 
     ws = smoke.run_until("register")
+    report = json.loads((ws.reports / "registry.json").read_text())
+    if not report["promoted"]:
+        client = connect(smoke.params, ws).client
+        registry.promote(client, smoke.params.register.model_name, str(report["version"]), "manual: serving test")
     window = read_windows(ws, "test").iloc[0]
     items = read_items(ws.raw).set_index("item_id")
     size = smoke.params.backbone.image_size
@@ -62,7 +69,7 @@ def test_champion_model_matches_the_workspace_model_and_the_cli(served, smoke, t
     from pigeon.serving import PigeonGenerator
 
     ws, files, request = served
-    assert json.loads((ws.reports / "registry.json").read_text())["promoted"] is True
+    assert json.loads((ws.reports / "registry.json").read_text())["version"] == 1
     mlflow.set_tracking_uri(smoke.params.tracking.uri)
     mlflow.set_registry_uri(smoke.params.tracking.uri)
     model = mlflow.pyfunc.load_model(CHAMPION)

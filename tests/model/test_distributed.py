@@ -128,12 +128,12 @@ def test_dpo_on_two_processes_takes_the_single_process_steps(smoke, tmp_path, mo
     monkeypatch.setattr(pigeon.runtime, "cpu_has_bf16", lambda: False)  # after the shared pipeline ran
     one = fresh_copy(smoke, tmp_path / "one", smoke.ws.dpo)
     two = fresh_copy(smoke, tmp_path / "two", smoke.ws.dpo)
-    params_one = params_for(smoke, one, dpo={"batch_size": 23})
+    params_one = params_for(smoke, one, dpo={"batch_size": 23, "epochs": 2, "lr": 0.0005})
     assert read_json(one.pairs / "summary.json")["pairs"]["train"] == 24  # the split described above
     seed_everything(params_one.seed)
     run_stage("dpo", params_one, one)
 
-    launch("dpo", two, params_for(smoke, two, dpo={"batch_size": 23}), module=FP32_CLI)
+    launch("dpo", two, params_for(smoke, two, dpo={"batch_size": 23, "epochs": 2, "lr": 0.0005}), module=FP32_CLI)
 
     metrics = {name: read_json(ws.dpo / "metrics.json") for name, ws in (("one", one), ("two", two))}
     assert metrics["one"]["world_size"] == 1 and metrics["two"]["world_size"] == 2

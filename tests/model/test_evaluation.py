@@ -190,6 +190,15 @@ def test_evaluate_stage_writes_every_output(smoke):
         assert len(pd.read_csv(ws.reports / "plots" / f"methods_{protocol}.csv")) == len(METHODS)
     assert "reference_copy" in metrics["ground_truth"] and metrics["evaluators"]["style_accuracy"] > 0
     assert metrics["ground_truth"]["reference_copy"]["style_accuracy"] < 0.5
+    # The truth row is the real target image: its pixels equal the ground truth, and the evaluator names
+    # its style more often than the reference's (another style); the tokenizer's copy loses pixels.
+    truth, ceiling = metrics["ground_truth"]["truth"], metrics["ground_truth"]["tokenizer_ceiling"]
+    assert truth["gt_psnr"] == pytest.approx(100.0) and ceiling["gt_psnr"] < 100.0
+    assert truth["style_accuracy"] > metrics["ground_truth"]["reference_copy"]["style_accuracy"]
+    assert metrics["chance"]["style_accuracy"] == pytest.approx(1 / metrics["evaluators"]["num_styles"])
+    windows = metrics["by_emoji"]["windows"]
+    assert windows["seen"] + windows["held_out"] == n
+    assert set(metrics["by_emoji"]["ground_truth"]) == set(METHODS)
 
     index = pd.read_csv(ws.reports / "samples" / "test" / "index.csv")
     for column in ("window_id", "user_id", "protocol", "method", "preferred_style", "reference_item",
@@ -210,6 +219,7 @@ def test_evaluate_stage_writes_every_output(smoke):
     results = (ws.reports / "results.md").read_text()
     assert "simulated" in results and "**" in results and "the paper selected with its evaluation model" in results
     assert all(f"| {method} |" in results for method in METHODS)
+    assert "| *chance* |" in results and "held-out emoji" in results
 
 
 def test_evaluation_shards_give_the_same_images_whatever_the_shard_size(tmp_path):

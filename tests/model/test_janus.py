@@ -21,7 +21,7 @@ K, SIDE, D = 64, 4, 32  # codebook, latent grid side (T = 16 codes), LM width
 
 
 def write_tiny_janus(folder: Path) -> Path:
-    """A random Janus checkpoint obeying STACK.md's tiny-config rules, with a word-level tokenizer."""
+    """A random Janus checkpoint obeying the tiny-config rules of docs/design.md §8, with a word-level tokenizer."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
     from transformers import (
         JanusConfig,
