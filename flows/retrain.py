@@ -29,13 +29,11 @@ from pigeon.errors import PigeonError
 from pigeon.hashing import StageSpec, cache_key, data_hash, load_stage_specs, output_hashes, stage_fingerprint
 from pigeon.lock import workspace_lock
 from pigeon.paths import Workspace
-from pigeon.stages import STAGES
+from pigeon.stages import GPU_STAGES, SHARDED_STAGES, STAGES  # the stage registry (pigeon.stages.PIPELINE)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where dvc.yaml and the code live
 RESULTS_DIR = ".prefect-results"
-GPU_LIMIT = "gpu"
-GPU_STAGES = frozenset({"foundation", "stage1", "candidates", "dpo", "evaluate"})
-SHARDED_STAGES = ("candidates", "evaluate")  # each module has shard_count, generate_shard, shard_outputs
+GPU_LIMIT = "gpu"  # GPU_STAGES run under this global concurrency limit
 RETRY_DELAY_SECONDS = 10
 
 

@@ -17,13 +17,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pigeon.errors import PigeonError
+from pigeon.stages import DATA_PARALLEL_STAGES  # the stages whose spec says data_parallel
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
     from torch import nn
-
-DATA_PARALLEL_STAGES = ("stage1", "dpo")
 
 
 def world_size() -> int:

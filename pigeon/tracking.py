@@ -6,9 +6,10 @@ DVC runs every stage in its own process, so each stage finds its pipeline's pare
   and the previous stage ended less than ``PARENT_REUSE_HOURS`` ago; otherwise a new parent starts.
   The last stage (register) ends that parent; a failed stage marks it failed.
 
-A stage run holds its params sections, the git commit, the raw dataset (``data.dvc`` md5) as an
-input, its result and ``metrics.json``-style numbers, per-step curves (``*curves*.csv``) and the
-figures/tables of its outputs. Everything is sent in batches: one ``log_metric`` costs ~22 ms on sqlite.
+A stage run holds the params keys its stage lists (:data:`pigeon.stages.PIPELINE`, as in ``dvc.yaml``),
+the git commit, the raw dataset (``data.dvc`` md5) as an input, its result and ``metrics.json``-style
+numbers, per-step curves (``*curves*.csv``) and the figures/tables of its outs and metrics files.
+Everything is sent in batches: one ``log_metric`` costs ~22 ms on sqlite.
 """
 
 from __future__ import annotations
@@ -30,40 +31,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pigeon.config import Params, section_dict
+from pigeon.config import Params
 from pigeon.errors import PigeonError
+from pigeon.hashing import params_value
 from pigeon.paths import Workspace
+from pigeon.stages import STAGE_SPECS, STAGES
 
 PARENT_ENV = "PIGEON_PARENT_RUN_ID"
 PARENT_REUSE_HOURS = 6.0
-LAST_STAGE = "register"
+LAST_STAGE = STAGES[-1]  # register: it ends the pipeline run
 STATE_FILE = Path(".pigeon") / "parent_run.json"
 
-STAGE_SECTIONS = {
-    "simulate": ("seed", "simulate"),
-    "validate": ("simulate",),
-    "foundation": ("seed", "backbone", "foundation"),
-    "evaluators": ("seed", "evaluators"),
-    "stage1": ("seed", "backbone", "model", "stage1"),
-    "candidates": ("seed", "model", "candidates"),
-    "rank": ("rank",),
-    "dpo": ("seed", "model", "stage1", "dpo"),
-    "evaluate": ("seed", "model", "evaluate"),
-    "register": ("register",),
-}
-# Workspace-relative outputs whose numbers, curves and figures go to the stage run.
-STAGE_OUTPUTS = {
-    "simulate": ("data/users",),
-    "validate": ("reports/validation.json",),
-    "foundation": ("models/foundation",),
-    "evaluators": ("models/evaluators",),
-    "stage1": ("models/stage1",),
-    "candidates": ("artifacts/candidates",),
-    "rank": ("artifacts/pairs",),
-    "dpo": ("models/dpo",),
-    "evaluate": ("reports", "reports/plots", "reports/samples/test"),
-    "register": ("reports/registry.json",),
-}
 METRIC_FILES = ("metrics.json", "summary.json")
 ARTIFACT_SUFFIXES = (".png", ".csv", ".md")
 MAX_ARTIFACT_BYTES = 10 << 20
@@ -385,6 +363,21 @@ def track_stage(name: str, params: Params, ws: Workspace) -> Iterator[StageRun]:
               f"{str(exc).splitlines()[0] if str(exc) else ''})", file=sys.stderr)
 
 
+def stage_params(name: str, params: Params) -> dict[str, str]:
+    """The params keys the stage lists in dvc.yaml (whole sections and dotted keys), flattened for MLflow."""
+    flat: dict[str, str] = {}
+    for key in STAGE_SPECS[name].params if name in STAGE_SPECS else ():
+        flat.update(flatten_params(params_value(params, key), f"{key}."))
+    return flat
+
+
+def stage_outputs(name: str) -> tuple[str, ...]:
+    """Workspace-relative outputs whose numbers, curves and figures go to the stage run: its dvc.yaml
+    outs and metrics."""
+    spec = STAGE_SPECS.get(name)
+    return (*spec.outs, *spec.metrics) if spec else ()
+
+
 def _start_stage_run(tracker: Tracker, name: str, parent_id: str, params: Params, ws: Workspace) -> StageRun:
     from mlflow.entities import Param
     from mlflow.utils import mlflow_tags
@@ -395,7 +388,7 @@ def _start_stage_run(tracker: Tracker, name: str, parent_id: str, params: Params
             "pigeon.git_dirty": str(dirty)}
     if commit:
         tags[mlflow_tags.MLFLOW_GIT_COMMIT] = commit
-    flat = flatten_params(section_dict(params, *STAGE_SECTIONS.get(name, ())))
+    flat = stage_params(name, params)
     with _WRITE_LOCK:
         created = tracker.client.create_run(tracker.experiment_id, tags=tags, run_name=name)
         run_id = created.info.run_id
@@ -421,9 +414,9 @@ def _log_stage_outputs(run: StageRun, ws: Workspace) -> None:
     client, now = run.tracker.client, _now_ms()
     numbers = flatten_numbers(run.result)
     metric_files, curve_files, artifacts = [], [], []
-    for path in (ws.root / rel for rel in STAGE_OUTPUTS.get(run.name, ())):
+    for path in (ws.root / rel for rel in stage_outputs(run.name)):
         if path.is_file():
-            metric_files.append(path)
+            metric_files += [path] if path.suffix == ".json" else []
             artifacts.append(path)
         elif path.is_dir():
             files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))

@@ -27,8 +27,7 @@ SMOKE_STYLES = ("twemoji", "noto", "openmoji", "fluent-3d")
 SMOKE_OVERRIDES = (f"data.styles={list(SMOKE_STYLES)}", "simulate.num_users=60")
 
 # Stage order of the pipeline (docs/design.md §4); each entry's prerequisites are the ones before it.
-ORDER = ("simulate", "validate", "foundation", "evaluators", "stage1", "candidates", "rank", "dpo",
-         "evaluate", "register")
+from pigeon.stages import STAGES as ORDER  # the stage registry
 
 
 def smoke_params(*extra: str):
