@@ -273,18 +273,29 @@ class EvaluateConfig(Section):
 
 
 class RegisterConfig(Section):
+    """The promotion gate (pigeon/registry.py ``gate``): every metric it reads must be higher-is-better."""
+
     model_name: str = Field("pigeon")
     personalization_metric: str = Field("style_accuracy")
     semantic_metric: str = Field("content_accuracy")
-    protocol: str = Field("ground_truth", description="Protocol whose headline numbers gate promotion.")
+    protocol: Literal["ground_truth", "paper"] = Field(
+        "ground_truth", description="Protocol whose headline numbers gate promotion.")
     min_gain: float = Field(0.0, ge=0.0, description="Personalization must beat the zero-shot row and the "
                             "champion by more than this.")
     semantic_tolerance: float = Field(0.02, ge=0.0, description="Allowed drop in the semantic metric (vs the best "
                                       "generative baseline of the same run, and vs the champion).")
     min_personalization: float = Field(0.15, ge=0.0, description="Absolute floor of the personalization metric "
-                                       "(style accuracy: chance is 1 / number of styles, 0.10).")
+                                       "(style accuracy: chance is 1 / number of styles, 0.10 for the 10 "
+                                       "styles); the gate also requires it above the run's chance level.")
     min_semantic: float = Field(0.01, ge=0.0, description="Absolute floor of the semantic metric (content accuracy: "
-                                "chance is 1 / number of emoji, 0.0011).")
+                                "chance is 1 / number of emoji, 0.0011); also required above the run's chance.")
+
+    @field_validator("personalization_metric", "semantic_metric")
+    @classmethod
+    def _higher_is_better(cls, value: str) -> str:
+        if value == "frechet_distance":  # the one lower-is-better headline metric of reports/metrics.json
+            raise ValueError(f"{value!r} is lower-is-better; the gate compares higher-is-better metrics")
+        return value
 
 
 class TrackingConfig(Section):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +33,34 @@ class Scores:
 
 
 @dataclass(frozen=True)
+class Check:
+    """One rule of the gate: passed is None when the rule does not apply (no champion to beat)."""
+
+    rule: str
+    passed: bool | None
+    detail: str
+    figures: dict = field(default_factory=dict)  # the numbers compared, for reports/registry.json
+
+
+@dataclass(frozen=True)
 class Decision:
     promote: bool
     why: str
     rule: str = ""  # the rule that decided: the first that failed, or "all rules passed"
-    checks: tuple = ()  # every rule checked: (name, passed, detail)
+    checks: tuple[Check, ...] = ()  # every rule, in the order checked
 
     def report(self) -> dict:
-        return {"rule": self.rule, "checks": [{"rule": n, "passed": ok, "detail": d} for n, ok, d in self.checks]}
+        return {"rule": self.rule, "checks": [asdict(c) for c in self.checks]}
 
 
-BASELINE_ROWS = ("stage1", "foundation")  # the generative rows a candidate must hold its semantics against
+# The generative baselines a candidate holds its semantics against: the models it is trained from (the
+# zero-shot foundation and stage 1). The other generative rows (pigeon_select, no_history_mask,
+# untrained_mask_generator, no_adapter) are the candidate itself used differently or with a part
+# removed; reference_copy / nearest_history / tokenizer_ceiling / truth copy, retrieve or reconstruct.
+BASELINE_ROWS = ("stage1", "foundation")
 ZERO_SHOT_ROW = "foundation"
+RULES = ("floors", "beats_zero_shot", "keeps_semantics", "beats_champion")
+ALL_PASSED = "all rules passed"
 
 
 # --- reading the evaluation's headline numbers ---------------------------------------------------
@@ -87,6 +103,20 @@ def baseline_scores(metrics: dict, cfg, source: str | Path) -> dict[str, Scores]
     return {row: candidate_scores(metrics, cfg, source, row) for row in BASELINE_ROWS if row in rows}
 
 
+def chance_levels(metrics: dict, cfg, source: str | Path) -> dict[str, float]:
+    """The run's chance level of the gate metrics that have one (``metrics["chance"]``, accuracies only)."""
+    chance = metrics.get("chance") or {}
+    levels = {}
+    for metric in (cfg.personalization_metric, cfg.semantic_metric):
+        value = chance.get(metric)
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise PigeonError(f"{source}: chance.{metric} is not a finite number (got {value!r})")
+        levels[metric] = float(value)
+    return levels
+
+
 def score_tags(cfg, scores: Scores) -> dict[str, str]:
     return {f"score.{cfg.protocol}.{cfg.personalization_metric}": repr(scores.personalization),
             f"score.{cfg.protocol}.{cfg.semantic_metric}": repr(scores.semantic)}
@@ -104,59 +134,99 @@ def version_scores(version, cfg) -> Scores | None:
 # --- the gate ---------------------------------------------------------------------------------------
 
 
-def gate(candidate: Scores, champion: Scores | None, cfg, champion_version: str | None = None,
-         baselines: dict[str, Scores] | None = None) -> Decision:
-    """Promote only when every rule passes, checked in this order:
+def decide(metrics: dict, cfg, champion: Scores | None = None, champion_version: str | None = None,
+           source: str | Path = "reports/metrics.json") -> Decision:
+    """The gate on one evaluation run: ``metrics`` in the layout of ``reports/metrics.json``, the
+    champion's recorded scores (None with ``champion_version`` set: recorded under other metric names)."""
+    return gate(candidate_scores(metrics, cfg, source), champion, cfg, champion_version,
+                baseline_scores(metrics, cfg, source), chance_levels(metrics, cfg, source))
 
-    1. ``floors``: personalization ≥ ``min_personalization`` and semantics ≥ ``min_semantic``;
+
+def gate(candidate: Scores, champion: Scores | None, cfg, champion_version: str | None = None,
+         baselines: dict[str, Scores] | None = None, chance: dict[str, float] | None = None) -> Decision:
+    """Promote only when no rule fails; the rules, checked in this order:
+
+    1. ``floors``: personalization ≥ ``min_personalization`` and semantics ≥ ``min_semantic``, each also
+       above the run's chance level when ``chance`` has it;
     2. ``beats_zero_shot``: personalization beats the same run's zero-shot ``foundation`` row by more
        than ``min_gain`` (a run without that row fails: nothing shows the training helped);
     3. ``keeps_semantics``: semantics within ``semantic_tolerance`` of the best generative baseline
-       (``stage1``, ``foundation``) of the same run;
+       (:data:`BASELINE_ROWS`) of the same run (a run with none fails);
     4. ``beats_champion``: with a champion, personalization gains more than ``min_gain`` over it and
-       semantics drop by at most ``semantic_tolerance``. Being the first version earns nothing."""
-    p_name, s_name = cfg.personalization_metric, cfg.semantic_metric
+       semantics drop by at most ``semantic_tolerance``; without one it does not apply.
+
+    Being the first version earns nothing: it must pass rules 1-3 like any other."""
     baselines = baselines or {}
-    checks = []
-
-    def check(name: str, passed: bool, detail: str) -> None:
-        checks.append((name, bool(passed), detail))
-
-    check("floors", candidate.personalization >= cfg.min_personalization - EPS
-          and candidate.semantic >= cfg.min_semantic - EPS,
-          f"{p_name} {candidate.personalization:.4f} (floor {cfg.min_personalization}), "
-          f"{s_name} {candidate.semantic:.4f} (floor {cfg.min_semantic})")
-    zero_shot = baselines.get(ZERO_SHOT_ROW)
-    if zero_shot is None:
-        check("beats_zero_shot", False, f"the evaluation has no {ZERO_SHOT_ROW} row to compare with")
-    else:
-        gain = candidate.personalization - zero_shot.personalization
-        check("beats_zero_shot", gain > cfg.min_gain + EPS,
-              f"{p_name} {candidate.personalization:.4f} vs zero-shot {zero_shot.personalization:.4f} "
-              f"(gain {gain:+.4f}, needs > {cfg.min_gain})")
-    if baselines:
-        best_row = max(baselines, key=lambda row: baselines[row].semantic)
-        drop = baselines[best_row].semantic - candidate.semantic
-        check("keeps_semantics", drop <= cfg.semantic_tolerance + EPS,
-              f"{s_name} {candidate.semantic:.4f} vs {best_row} {baselines[best_row].semantic:.4f} "
-              f"(drop {drop:+.4f}, allowed <= {cfg.semantic_tolerance})")
-    if champion_version is not None:
-        if champion is None:
-            check("beats_champion", False, f"champion v{champion_version} has no recorded {cfg.protocol} "
-                  f"{p_name}/{s_name}; promote by hand with `pigeon promote --version N`")
-        else:
-            gain = candidate.personalization - champion.personalization
-            drop = champion.semantic - candidate.semantic
-            check("beats_champion", gain > cfg.min_gain + EPS and drop <= cfg.semantic_tolerance + EPS,
-                  f"{p_name} {candidate.personalization:.4f} vs champion v{champion_version} "
-                  f"{champion.personalization:.4f} (gain {gain:+.4f}, needs > {cfg.min_gain}); {s_name} "
-                  f"{candidate.semantic:.4f} vs {champion.semantic:.4f} (drop {drop:+.4f}, allowed <= "
-                  f"{cfg.semantic_tolerance})")
-    failed = next((c for c in checks if not c[1]), None)
+    checks = (_floors(candidate, cfg, chance or {}), _beats_zero_shot(candidate, cfg, baselines),
+              _keeps_semantics(candidate, cfg, baselines),
+              _beats_champion(candidate, cfg, champion, champion_version))
+    failed = next((c for c in checks if c.passed is False), None)
     if failed is not None:
-        return Decision(False, f"not promoted ({failed[0]}): {failed[2]}", failed[0], tuple(checks))
+        return Decision(False, f"not promoted ({failed.rule}): {failed.detail}", failed.rule, checks)
     first = "" if champion_version is not None else "no champion yet; "
-    return Decision(True, "promoted: " + first + "; ".join(c[2] for c in checks), "all rules passed", tuple(checks))
+    details = "; ".join(c.detail for c in checks if c.passed)
+    return Decision(True, f"promoted: {first}{details}", ALL_PASSED, checks)
+
+
+def _floors(candidate: Scores, cfg, chance: dict[str, float]) -> Check:
+    parts, figures, passed = [], {}, True
+    for metric, value, floor in ((cfg.personalization_metric, candidate.personalization, cfg.min_personalization),
+                                 (cfg.semantic_metric, candidate.semantic, cfg.min_semantic)):
+        level = chance.get(metric)
+        passed &= value >= floor - EPS and (level is None or value > level + EPS)
+        figures[metric] = {"candidate": value, "floor": floor, "chance": level}
+        above = "" if level is None else f", must exceed chance {level:.4f}"
+        parts.append(f"{metric} {value:.4f} (floor {floor}{above})")
+    return Check("floors", passed, ", ".join(parts), figures)
+
+
+def _beats_zero_shot(candidate: Scores, cfg, baselines: dict[str, Scores]) -> Check:
+    metric, zero_shot = cfg.personalization_metric, baselines.get(ZERO_SHOT_ROW)
+    if zero_shot is None:
+        return Check("beats_zero_shot", False, f"the evaluation has no {ZERO_SHOT_ROW} row to compare with")
+    gain = candidate.personalization - zero_shot.personalization
+    return Check("beats_zero_shot", gain > cfg.min_gain + EPS,
+                 f"{metric} {candidate.personalization:.4f} vs zero-shot {zero_shot.personalization:.4f} "
+                 f"(gain {gain:+.4f}, needs > {cfg.min_gain})",
+                 {"metric": metric, "candidate": candidate.personalization, "row": ZERO_SHOT_ROW,
+                  "zero_shot": zero_shot.personalization, "gain": gain, "min_gain": cfg.min_gain})
+
+
+def _keeps_semantics(candidate: Scores, cfg, baselines: dict[str, Scores]) -> Check:
+    metric = cfg.semantic_metric
+    if not baselines:
+        return Check("keeps_semantics", False,
+                     f"the evaluation has none of the generative baseline rows ({', '.join(BASELINE_ROWS)})")
+    row = max(baselines, key=lambda name: baselines[name].semantic)
+    best = baselines[row].semantic
+    drop = best - candidate.semantic
+    return Check("keeps_semantics", drop <= cfg.semantic_tolerance + EPS,
+                 f"{metric} {candidate.semantic:.4f} vs {row} {best:.4f} "
+                 f"(drop {drop:+.4f}, allowed <= {cfg.semantic_tolerance})",
+                 {"metric": metric, "candidate": candidate.semantic, "row": row, "baseline": best, "drop": drop,
+                  "semantic_tolerance": cfg.semantic_tolerance})
+
+
+def _beats_champion(candidate: Scores, cfg, champion: Scores | None, champion_version: str | None) -> Check:
+    p_name, s_name = cfg.personalization_metric, cfg.semantic_metric
+    if champion_version is None:
+        return Check("beats_champion", None, "no champion yet: nothing to beat (does not apply)")
+    if champion is None:
+        return Check("beats_champion", False, f"champion v{champion_version} has no recorded {cfg.protocol} "
+                     f"{p_name}/{s_name}; promote by hand with `pigeon promote --version N`",
+                     {"champion_version": int(champion_version)})
+    gain = candidate.personalization - champion.personalization
+    drop = champion.semantic - candidate.semantic
+    return Check("beats_champion", gain > cfg.min_gain + EPS and drop <= cfg.semantic_tolerance + EPS,
+                 f"{p_name} {candidate.personalization:.4f} vs champion v{champion_version} "
+                 f"{champion.personalization:.4f} (gain {gain:+.4f}, needs > {cfg.min_gain}); {s_name} "
+                 f"{candidate.semantic:.4f} vs {champion.semantic:.4f} (drop {drop:+.4f}, allowed <= "
+                 f"{cfg.semantic_tolerance})",
+                 {"champion_version": int(champion_version),
+                  p_name: {"candidate": candidate.personalization, "champion": champion.personalization,
+                           "gain": gain, "min_gain": cfg.min_gain},
+                  s_name: {"candidate": candidate.semantic, "champion": champion.semantic, "drop": drop,
+                           "semantic_tolerance": cfg.semantic_tolerance}})
 
 
 # --- aliases ----------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Stage ``register``: log the DPO model as an MLflow pyfunc, register it, gate the champion alias.
 
 Reads ``models/dpo`` (+ ``models/foundation`` for the tiny backbone) and ``reports/metrics.json``;
-creates a version of ``register.model_name`` aliased ``candidate``; moves ``champion`` when the
-gate passes (:func:`pigeon.registry.gate`); writes ``reports/registry.json``.
+creates a version of ``register.model_name`` aliased ``candidate``; moves ``champion`` only when no
+rule of the gate fails (:func:`pigeon.registry.decide`; the first version is not crowned for being
+first); writes ``reports/registry.json``: ``decision``, the deciding ``rule`` and every rule's
+``checks`` (passed true/false, or null where it does not apply, with the figures compared).
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ def run(params: Params, ws: Workspace) -> dict:
     metrics = read_json(metrics_path)
     scores = registry.candidate_scores(metrics, cfg, metrics_path)
     baselines = registry.baseline_scores(metrics, cfg, metrics_path)
+    chance = registry.chance_levels(metrics, cfg, metrics_path)
     report = {"model_name": cfg.model_name, "protocol": cfg.protocol,
               "candidate": {cfg.personalization_metric: scores.personalization,
                             cfg.semantic_metric: scores.semantic}}
@@ -144,7 +147,7 @@ def run(params: Params, ws: Workspace) -> dict:
 
     champion = registry.get_version(client, cfg.model_name, registry.CHAMPION)
     champion_scores = registry.version_scores(champion, cfg) if champion is not None else None
-    decision = registry.gate(scores, champion_scores, cfg, champion.version if champion else None, baselines)
+    decision = registry.decide(metrics, cfg, champion_scores, champion.version if champion else None, metrics_path)
     if decision.promote:
         registry.promote(client, cfg.model_name, version.version, f"gate: {decision.why}")
     client.update_model_version(cfg.model_name, version.version, description=decision.why)
@@ -160,6 +163,7 @@ def run(params: Params, ws: Workspace) -> dict:
         **decision.report(),
         baselines={row: {cfg.personalization_metric: b.personalization, cfg.semantic_metric: b.semantic}
                    for row, b in baselines.items()},
+        chance=chance,
         champion_before=None if champion is None else {
             "version": int(champion.version),
             **({cfg.personalization_metric: champion_scores.personalization,
