@@ -64,6 +64,28 @@ def test_ssim_matches_a_direct_windowed_computation():
     assert float(ssim(x.float(), y.float())[0]) == pytest.approx(float(torch.stack(values).mean()), abs=1e-4)
 
 
+@pytest.mark.parametrize("size,data_range", [(32, 1.0), (64, 1.0), (32, 2.0)])
+def test_ssim_matches_torchmetrics(size, data_range):
+    """torchmetrics' SSIM map with the same settings: an 11 × 11 gaussian window (σ = 1.5), K1 = 0.01,
+    K2 = 0.03, the given data range, population statistics. torchmetrics pads the images by reflection
+    and averages the whole map; ours averages the valid windows only (as the original definition and
+    scikit-image do), so its map is cropped by the window's half-width first."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as library_ssim
+
+    x = _images(5, 4, size)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    y = torch.cat([(x[:2] + 0.1 * noise[:2]).clamp(0, 1), x[2:3].flip(-1), 1 - x[3:]])
+    x, y = x * data_range, y * data_range
+    _, full_map = library_ssim(y, x, gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=data_range,
+                               k1=0.01, k2=0.03, reduction="none", return_full_image=True)
+    half = 11 // 2
+    expected = full_map[..., half:-half, half:-half].mean(dim=(1, 2, 3))
+    ours = ssim(y, x, data_range=data_range)
+    assert expected.shape == ours.shape == (4,)
+    assert float(expected.std()) > 0.3  # rows of clearly different similarity (noisy, mirrored, inverted)
+    assert torch.allclose(ours, expected.float(), atol=1e-5), (ours - expected).abs().max()  # fp32: ~1e-7
+
+
 def test_ssim_drops_with_noise_and_for_inverted_images():
     x = _images(3)
     noisy = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))).clamp(0, 1)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pigeon.config import STYLES, SimulateConfig
+from pigeon.config import SimulateConfig
 from pigeon.data.raw import decode_png, image_path, read_items
 from pigeon.data.synthetic import build_synthetic_raw
 from pigeon.data.users import (
@@ -52,10 +51,9 @@ def test_synthetic_raw_is_the_raw_format(synthetic_raw, items):
     assert np.abs(a - b).mean() > 10
 
 
-def test_synthetic_build_is_deterministic_and_fast(tmp_path):
-    start = time.perf_counter()
+def test_synthetic_build_is_deterministic(tmp_path):
+    """Its speed is measured by ``python -m benchmarks.data``."""
     build_synthetic_raw(tmp_path / "a", styles=SMOKE_STYLES, seed=3)
-    assert time.perf_counter() - start < 4.0  # 288 images; ~1 s on an idle core
     build_synthetic_raw(tmp_path / "b", styles=SMOKE_STYLES, seed=3)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
     assert len(files) == 36 * 4 * 2
@@ -171,23 +169,13 @@ def test_simulate_stage_writes_users_and_summary(synthetic_raw, tmp_path):
         read_users(ws)
 
 
-def test_simulation_at_full_scale_is_fast():
-    """1000 users over 865 emoji x 10 styles (the real dataset's shape) in well under a few seconds."""
-    keys = [f"{0x1F300 + i:x}" for i in range(865)]
-    groups = [
-        "smileys-emotion",
-        "people-body",
-        "animals-nature",
-        "food-drink",
-        "travel-places",
-        "activities",
-        "objects",
-    ]
-    rows = [(k, groups[i % len(groups)], s) for s in sorted(STYLES) for i, k in enumerate(keys)]
-    items = pd.DataFrame(rows, columns=["emoji_key", "group", "style"])
-    items.insert(0, "item_id", np.arange(len(items)))
-    start = time.perf_counter()
+def test_simulation_at_full_scale():
+    """1000 users over 865 emoji x 10 styles (the real dataset's shape); its speed is measured by
+    ``python -m benchmarks.data``."""
+    from benchmarks.data import full_scale_items
+
+    items = full_scale_items()
     sim = simulate_users(items, SimulateConfig(), seed=0)
-    elapsed = time.perf_counter() - start
     assert sum(len(w) for w in sim.windows.values()) > 10_000
-    assert elapsed < 5.0, f"simulation took {elapsed:.1f}s"
+    assert sim.interactions["user_id"].nunique() == SimulateConfig().num_users
+    assert sim.interactions["item_id"].between(0, len(items) - 1).all()
