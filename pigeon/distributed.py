@@ -11,13 +11,12 @@ process runs the stage: each draws the same seeded global batch and keeps its ro
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pigeon.errors import PigeonError
-from pigeon.stages import DATA_PARALLEL_STAGES  # the stages whose spec says data_parallel
+from pigeon.pipeline import DATA_PARALLEL_STAGES  # the stages whose spec says data_parallel
 
 if TYPE_CHECKING:
     import numpy as np
@@ -31,11 +30,6 @@ def world_size() -> int:
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
-
-
-def local_world_size() -> int:
-    """Processes on this machine (they share its CPU cores)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
 
 
 def is_main() -> bool:
@@ -163,8 +157,9 @@ class DataParallel:
         if self.rank > 0:
             import torch
 
-            digest = hashlib.sha256(f"{seed}/rank{self.rank}/{step}".encode()).digest()
-            torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+            from pigeon.seeds import derive_seed
+
+            torch.manual_seed(derive_seed(seed, f"rank{self.rank}", step))
 
     def batch_mean(self, figures: dict[str, float], weight: float) -> dict[str, float]:
         """Means over this process's rows → means over the global batch (``weight`` from :meth:`split`)."""

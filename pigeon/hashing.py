@@ -143,13 +143,21 @@ def output_hashes(spec: StageSpec, ws: Workspace) -> dict[str, str]:
 
 
 def stage_fingerprint(spec: StageSpec, params: Params, ws: Workspace, project_root: Path) -> dict[str, Any]:
-    """Everything a stage's result depends on, as plain data."""
-    return {
+    """Everything a stage's result depends on, as plain data. A stage that lists the whole ``backbone``
+    section also depends on the Janus folder's content when the backbone is loaded from one (the input
+    ``dvc.yaml`` cannot name: its path is a param)."""
+    fingerprint = {
         "stage": spec.name,
         "params": {key: params_value(params, key) for key in spec.params},
         "inputs": {path: data_hash(ws.root / path) for path in spec.inputs},
         "code": {path: source_hash(project_root / path) for path in spec.code},
     }
+    if "backbone" in spec.params and params.backbone.kind == "janus":
+        from pigeon.artifacts import backbone_source, weights_fingerprint
+
+        source = backbone_source(params, ws)
+        fingerprint["backbone_weights"] = weights_fingerprint(source) if source.is_dir() else MISSING
+    return fingerprint
 
 
 def cache_key(fingerprint: dict[str, Any], extra: str = "") -> str:

@@ -36,6 +36,12 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def local_world_size() -> int:
+    """Processes a launcher (``accelerate launch``, ``torchrun``) started on this machine: they share its
+    cores. 1 in a plain run."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
 def setup_torch(threads: int = 0) -> None:
     """``threads`` torch threads; 0 = ``OMP_NUM_THREADS`` when set (a local Dask worker gets its share
     that way), else the available cores, shared by the processes ``accelerate launch`` started side by
@@ -43,8 +49,6 @@ def setup_torch(threads: int = 0) -> None:
     made every stage after the first run on one thread. Oversubscribed threads (more threads than
     cores across processes) were measured 3–100× slower than one: set ``threads`` on a shared machine."""
     import torch
-
-    from pigeon.distributed import local_world_size
 
     env = os.environ.get("OMP_NUM_THREADS", "")
     auto = int(env) if env.isdigit() and int(env) > 0 else max(1, available_cores() // local_world_size())

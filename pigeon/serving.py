@@ -252,7 +252,7 @@ class PigeonGenerator:
     """A loaded Pigeon model answering parsed requests; used by the pyfunc and ``pigeon generate``."""
 
     def __init__(self, params, ws, weights: str = "dpo", device: str | None = None):
-        from pigeon.models.loading import load_pigeon
+        from pigeon.artifacts import load_pigeon
         from pigeon.runtime import resolve_device
 
         self.params = params
@@ -269,7 +269,7 @@ class PigeonGenerator:
         import torch
 
         from pigeon.models.personalization import reference_view
-        from pigeon.models.pigeon import WindowBatch
+        from pigeon.models.types import WindowBatch
         from pigeon.runtime import autocast
 
         backbone = self.model.backbone

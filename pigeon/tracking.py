@@ -35,7 +35,7 @@ from pigeon.config import Params
 from pigeon.errors import PigeonError
 from pigeon.hashing import params_value
 from pigeon.paths import Workspace
-from pigeon.stages import STAGE_SPECS, STAGES
+from pigeon.pipeline import STAGE_SPECS, STAGES
 
 PARENT_ENV = "PIGEON_PARENT_RUN_ID"
 PARENT_REUSE_HOURS = 6.0

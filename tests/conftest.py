@@ -39,9 +39,9 @@ def smoke_params(*extra: str):
 def untrained_workspace(root: Path, params):
     """Synthetic raw data, simulated users, an untrained tiny foundation and an untrained Pigeon head
     saved as stage1 — the inputs of the later stages, without training anything."""
+    from pigeon.artifacts import load_pigeon
     from pigeon.data.raw import read_items
     from pigeon.data.synthetic import build_synthetic_raw
-    from pigeon.models.loading import load_pigeon
     from pigeon.models.tiny import TinyBackbone
     from pigeon.paths import Workspace
     from pigeon.runtime import seed_everything

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pigeon.artifacts import cached_item_codes, load_pigeon
 from pigeon.config import EvaluateConfig, Params
 from pigeon.data.raw import read_items
 from pigeon.errors import PigeonError
@@ -34,8 +35,7 @@ from pigeon.evaluation.methods import (
     keep_all_history,
     select_best,
 )
-from pigeon.models.batching import WindowEncoder, cached_item_codes
-from pigeon.models.loading import load_pigeon
+from pigeon.models.batching import WindowEncoder
 from pigeon.paths import Workspace
 from pigeon.runtime import seed_everything
 from pigeon.shards import ShardPlan, read_tensor_shard, tensor_shard_complete

@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from pigeon.config import EvaluateConfig
 from pigeon.data.users import history_columns
+from pigeon.evaluation.reward import RewardEncoder, candidate_rewards
 from pigeon.models.batching import WindowEncoder
 from pigeon.runtime import autocast
-from pigeon.training.reward import RewardEncoder, candidate_rewards
 
 GENERATIVE = ("pigeon", "pigeon_select", "stage1", "foundation", "no_history_mask",
               "untrained_mask_generator", "no_adapter")

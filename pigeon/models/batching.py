@@ -1,12 +1,9 @@
-"""From dataset rows to model inputs: item images → visual codes and reference-view codes (cached),
-window rows → WindowBatch."""
+"""From dataset rows to model inputs: item images → visual codes and reference-view codes, window rows →
+WindowBatch. (The workspace's cache of item codes is :func:`pigeon.artifacts.cached_item_codes`.)"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,16 +11,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pigeon.config import ModelConfig, Params
+from pigeon.config import ModelConfig
 from pigeon.errors import DataError
-from pigeon.io import file_md5, load_tensors, save_tensors, tree_hash
 from pigeon.models.backbone import Backbone
 from pigeon.models.personalization import build_prompt, reference_view
-from pigeon.models.pigeon import WindowBatch
-from pigeon.paths import Workspace
-from pigeon.training.checkpoint import step_generator
-
-LARGE_CHECKPOINT_BYTES = 1 << 30
+from pigeon.models.types import WindowBatch
+from pigeon.seeds import step_generator
 
 
 def _device(module: torch.nn.Module) -> torch.device:
@@ -118,42 +111,3 @@ class WindowEncoder:
         return WindowBatch(history_codes=self.codes[history], reference_codes=self.reference[reference, view],
                            caption_ids=self.caption_ids[reference], caption_mask=self.caption_mask[reference],
                            target_codes=target)
-
-
-def _weights_fingerprint(folder: Path) -> str:
-    """Content hash of a checkpoint folder; multi-GB external checkpoints are fingerprinted by their
-    JSON files and the names, sizes and modification times of the weight files."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-    if sum(p.stat().st_size for p in files) < LARGE_CHECKPOINT_BYTES:
-        return tree_hash(folder)
-    digest = hashlib.md5()
-    for p in files:
-        stat = p.stat()
-        detail = file_md5(p) if p.suffix == ".json" else f"{stat.st_size}:{stat.st_mtime_ns}"
-        digest.update(f"{p.relative_to(folder)}={detail};".encode())
-    return digest.hexdigest()
-
-
-def cached_item_codes(params: Params, ws: Workspace, backbone: Backbone) -> ItemCodes:
-    """All item codes and reference-view codes, encoded once per (backbone weights, raw data, image size,
-    views, seed) and cached under ``.pigeon/cache/``."""
-    from pigeon.data.raw import load_images, read_items
-    from pigeon.models.loading import backbone_source
-
-    size = params.backbone.image_size
-    key = json.dumps({"weights": _weights_fingerprint(backbone_source(params, ws)),
-                      "items": file_md5(ws.raw / "items.parquet"),
-                      "images": tree_hash(ws.raw / "images" / str(size)), "size": size,
-                      "views": params.model.reference_views, "seed": params.seed, "view_format": 1}, sort_keys=True)
-    path = ws.root / ".pigeon" / "cache" / f"codes-{hashlib.md5(key.encode()).hexdigest()[:16]}.safetensors"
-    items = read_items(ws.raw)
-    views = params.model.reference_views
-    if path.is_file():
-        cached = load_tensors(path)
-        if (cached.get("codes") is not None and cached["codes"].shape == (len(items), backbone.tokens_per_image)
-                and cached.get("reference") is not None and cached["reference"].shape[1] == views + 1):
-            return ItemCodes(cached["codes"], cached["reference"])
-    images = load_images(ws.raw, size, items)
-    found = ItemCodes(item_codes(backbone, images), reference_codes(backbone, images, views, params.seed))
-    save_tensors(path, {"codes": found.codes, "reference": found.reference})
-    return found

@@ -10,16 +10,29 @@ Two measured costs shape this loop (tiny default LM, batch 64, CPU):
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from pigeon.config import SamplingConfig
+from pigeon.models.backbone import Backbone
 from pigeon.models.decoding import fast_decoder
+from pigeon.models.types import Conditioning, WindowBatch
 
-if TYPE_CHECKING:
-    from pigeon.models.pigeon import Conditioning, PigeonModel, WindowBatch
+
+class PromptModel(Protocol):
+    """What sampling needs of a model (:class:`pigeon.models.pigeon.PigeonModel`): its backbone and the
+    pieces of its prompt."""
+
+    backbone: Backbone
+    history_len: int
+    query_length: int
+
+    def positions(self, attention: torch.Tensor) -> torch.Tensor: ...
+    def context(self, batch: WindowBatch, history_mask, history_embeds=None): ...
+    def query_tokens(self, batch: WindowBatch, reference_mask, dtype: torch.dtype, history_mask) -> torch.Tensor: ...
+    def prefix(self, batch: WindowBatch, history_mask, reference_mask, history_embeds=None): ...
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -85,7 +98,7 @@ def compute_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtyp
     return weight_dtype
 
 
-def sample_codes(model: PigeonModel, windows: WindowBatch, rows: WindowBatch, cond: Conditioning,
+def sample_codes(model: PromptModel, windows: WindowBatch, rows: WindowBatch, cond: Conditioning,
                  samples: int, sampling: SamplingConfig, seed: int, use_cache: bool,
                  fast_decode: bool = True) -> torch.Tensor:
     """codes [N, T] for the N = len(rows) rows (row i*samples + s comes from window i).

@@ -14,10 +14,8 @@ sequence with :func:`context_embeds` and :func:`query_embeds`, with position ids
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,74 +25,10 @@ from pigeon.errors import CheckpointError, PigeonError
 from pigeon.io import load_tensors, read_json, save_tensors, write_json
 from pigeon.models.backbone import Backbone
 from pigeon.models.generation import sample_codes
+from pigeon.models.loading import peft_lora_config
 from pigeon.models.mask import MaskGenerator
 from pigeon.models.personalization import Adapter, masked_mean, style_tokens
-
-
-@dataclass
-class WindowBatch:
-    """One row per window; all tensors on one device."""
-
-    history_codes: torch.Tensor  # [B, H, T] long
-    reference_codes: torch.Tensor  # [B, T] long
-    caption_ids: torch.Tensor  # [B, L] long, left-padded
-    caption_mask: torch.Tensor  # [B, L] long
-    target_codes: torch.Tensor | None = None  # [B, T] long; None at inference
-
-    def to(self, device) -> WindowBatch:
-        return WindowBatch(*(None if v is None else v.to(device) for v in self._fields()))
-
-    def select(self, index: torch.Tensor) -> WindowBatch:
-        index = index.to(self.history_codes.device)
-        return WindowBatch(*(None if v is None else v.index_select(0, index) for v in self._fields()))
-
-    def _fields(self):
-        return self.history_codes, self.reference_codes, self.caption_ids, self.caption_mask, self.target_codes
-
-    def __len__(self) -> int:
-        return self.history_codes.shape[0]
-
-
-@dataclass
-class Conditioning:
-    """The masks and α_r actually used for each row: recordable and replayable."""
-
-    history_keep: torch.Tensor  # [B, H, T] bool, True = kept
-    reference_keep: torch.Tensor  # [B, T] bool
-    alpha_ref: torch.Tensor  # [B] float
-
-    def to(self, device) -> Conditioning:
-        return Conditioning(self.history_keep.to(device), self.reference_keep.to(device), self.alpha_ref.to(device))
-
-    def select(self, index: torch.Tensor) -> Conditioning:
-        index = index.to(self.history_keep.device)
-        return Conditioning(*(v.index_select(0, index) for v in (self.history_keep, self.reference_keep,
-                                                                  self.alpha_ref)))
-
-    def repeat_interleave(self, n: int) -> Conditioning:
-        return Conditioning(*(v.repeat_interleave(n, dim=0) for v in (self.history_keep, self.reference_keep,
-                                                                      self.alpha_ref)))
-
-    def to_numpy(self) -> dict[str, np.ndarray]:
-        return {"history_keep": self.history_keep.cpu().numpy().astype(bool),
-                "reference_keep": self.reference_keep.cpu().numpy().astype(bool),
-                "alpha_ref": self.alpha_ref.float().cpu().numpy()}
-
-    @classmethod
-    def from_numpy(cls, d: dict) -> Conditioning:
-        return cls(torch.as_tensor(np.asarray(d["history_keep"])).bool(),
-                   torch.as_tensor(np.asarray(d["reference_keep"])).bool(),
-                   torch.as_tensor(np.asarray(d["alpha_ref"])).float())
-
-    def __len__(self) -> int:
-        return self.history_keep.shape[0]
-
-
-@dataclass
-class GenerationOutput:
-    codes: torch.Tensor  # [B*S, T] sampled visual codes; row = window i * S + sample s
-    conditioning: Conditioning  # for the B*S rows, exactly what was used
-    window_index: torch.Tensor  # [B*S] source window of each row
+from pigeon.models.types import Conditioning, GenerationOutput, WindowBatch
 
 
 def context_embeds(bb: Backbone, caption_ids, caption_mask, history_embeds, history_mask):
@@ -353,8 +287,6 @@ class PigeonModel(nn.Module):
     def save_trainable(self, path: Path) -> None:
         """LoRA in peft format (adapter_model.safetensors + adapter_config.json), mask_generator and
         adapter safetensors, pigeon_config.json. Each file is written atomically."""
-        from pigeon.models.loading import peft_lora_config
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if self.lora_config is not None:

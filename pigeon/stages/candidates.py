@@ -17,15 +17,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from pigeon.artifacts import inputs_fingerprint, load_pigeon, window_encoder
 from pigeon.config import Params
 from pigeon.data.users import read_windows
 from pigeon.errors import PigeonError
 from pigeon.io import tree_hash, write_json
-from pigeon.models.loading import load_pigeon
 from pigeon.paths import Workspace
 from pigeon.runtime import resolve_device
 from pigeon.shards import drop_shards_beyond
-from pigeon.stages.stage1 import inputs_fingerprint, window_encoder
 from pigeon.training.candidates import (
     CandidatePlan,
     decode_strips,

@@ -14,15 +14,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pigeon.artifacts import inputs_fingerprint, load_pigeon, window_encoder
 from pigeon.config import Params
 from pigeon.distributed import is_main, local_device
 from pigeon.errors import DataError
 from pigeon.io import atomic_dir, load_tensors, tree_hash, write_json
-from pigeon.models.loading import load_pigeon
-from pigeon.models.pigeon import Conditioning
+from pigeon.models.types import Conditioning
 from pigeon.paths import Workspace
 from pigeon.runtime import resolve_device
-from pigeon.stages.stage1 import inputs_fingerprint, window_encoder
 from pigeon.training.candidates import lookup_windows
 from pigeon.training.checkpoint import clear_checkpoint, plot_curves, write_curves
 from pigeon.training.dpo import PairSet, train_dpo

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from pigeon.artifacts import fingerprint, inputs_fingerprint, load_backbone
 from pigeon.config import Params
 from pigeon.data.raw import load_images, png_bytes, read_items
 from pigeon.data.users import history_columns, read_windows
@@ -47,7 +48,6 @@ from pigeon.evaluation.report import (
     write_results_md,
 )
 from pigeon.io import atomic_dir, read_json, tree_hash, write_json
-from pigeon.models.loading import load_backbone
 from pigeon.paths import Workspace
 from pigeon.runtime import resolve_device
 from pigeon.shards import (
@@ -57,8 +57,6 @@ from pigeon.shards import (
     tensor_shard_files,
     write_tensor_shard,
 )
-from pigeon.stages.stage1 import inputs_fingerprint
-from pigeon.training.checkpoint import fingerprint
 
 SUBSET_STREAM = 11  # the test subset comes from (seed, 11), independent of any other draw
 FRECHET_RESAMPLES = 200  # one eigenproblem per resample: capped to keep the stage short

@@ -221,7 +221,7 @@ def personalized_samples(trainer: FoundationTrainer, captions: list[str], holdou
                          styles: list[str], seed: int) -> torch.Tensor:
     """samples.png: each caption's emoji drawn in each of ``styles`` — a style context of 5 training images of
     that style and, for held-out emoji, the plain reference view. Row = caption i * len(styles) + style s."""
-    from pigeon.training.checkpoint import step_generator
+    from pigeon.seeds import step_generator
 
     generator = step_generator(seed, "sample-context", 0)
     t = trainer.model.tokens_per_image

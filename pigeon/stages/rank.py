@@ -1,7 +1,7 @@
 """Stage ``rank``: reward every candidate, keep the best and the worst of each window as a DPO pair.
 
 Reads ``artifacts/candidates`` (codes, recorded conditioning, decoded PNG strips), the foundation
-backbone (reward encoder, see ``pigeon.training.reward``) and the windows' history and reference
+backbone (reward encoder, see ``pigeon.evaluation.reward``) and the windows' history and reference
 images; writes ``artifacts/pairs/`` (replaced atomically):
 
 - ``pairs.parquet``: window_id, split, user_id, chosen/rejected sample index and α_r, rewards and
@@ -22,16 +22,16 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from pigeon.artifacts import load_backbone
 from pigeon.config import Params
 from pigeon.data.raw import load_images, png_bytes, read_items
 from pigeon.data.users import history_columns
 from pigeon.errors import DataError
+from pigeon.evaluation.reward import RewardEncoder, candidate_rewards, choose_pairs, ranking_agreement
 from pigeon.io import atomic_dir, atomic_write_bytes, read_json, save_tensors, write_json
-from pigeon.models.loading import load_backbone
 from pigeon.paths import Workspace
 from pigeon.runtime import resolve_device
 from pigeon.training.candidates import lookup_windows, read_shard, shard_files, strip_images
-from pigeon.training.reward import RewardEncoder, candidate_rewards, choose_pairs, ranking_agreement
 
 GRID_PAIRS = 8
 

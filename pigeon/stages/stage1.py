@@ -11,30 +11,15 @@ import time
 
 import torch
 
-from pigeon.config import Params, section_dict
-from pigeon.data.raw import read_items
+from pigeon.artifacts import inputs_fingerprint, load_pigeon, window_encoder
+from pigeon.config import Params
 from pigeon.data.users import read_windows
-from pigeon.distributed import is_main, local_device, main_process_first
-from pigeon.io import atomic_dir, file_md5, write_json
-from pigeon.models.batching import WindowEncoder, _weights_fingerprint, cached_item_codes
-from pigeon.models.loading import backbone_source, load_pigeon
+from pigeon.distributed import is_main, local_device
+from pigeon.io import atomic_dir, write_json
 from pigeon.paths import Workspace
 from pigeon.runtime import resolve_device
-from pigeon.training.checkpoint import clear_checkpoint, fingerprint, plot_curves, write_curves
+from pigeon.training.checkpoint import clear_checkpoint, plot_curves, write_curves
 from pigeon.training.stage1 import train_stage1
-
-
-def window_encoder(params: Params, ws: Workspace, model) -> WindowEncoder:
-    """Window rows → WindowBatch for ``model``'s backbone (item codes cached per backbone + data)."""
-    with main_process_first():  # under `accelerate launch` only the main process writes the cache
-        codes = cached_item_codes(params, ws, model.backbone)
-    return WindowEncoder(model.backbone, codes, read_items(ws.raw), params.model, params.backbone.lm.max_caption_tokens)
-
-
-def inputs_fingerprint(params: Params, ws: Workspace, sections: tuple[str, ...], *files) -> str:
-    """What a resumable run depends on: its params sections, the backbone weights and input files."""
-    return fingerprint(section_dict(params, "seed", "backbone", "model", *sections),
-                       _weights_fingerprint(backbone_source(params, ws)), [file_md5(f) for f in files])
 
 
 def run(params: Params, ws: Workspace) -> dict:

@@ -21,7 +21,6 @@ hold any tensors + JSON (the foundation's phases, whose optimizer changes from p
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
@@ -36,6 +35,7 @@ from torch import nn
 
 from pigeon.errors import CheckpointError
 from pigeon.io import atomic_dir, atomic_write_bytes, atomic_write_text, load_tensors, read_json, save_tensors
+from pigeon.seeds import step_generator  # the trainers' named random streams (also imported from here)
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -53,12 +53,6 @@ def freeze_all_but(model: nn.Module, trainable: list[nn.Parameter]) -> dict[str,
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
     return named_trainables(model)
-
-
-def step_generator(seed: int, name: str, step: int) -> torch.Generator:
-    """A CPU generator seeded by (seed, name, step): independent streams, replayable after a resume."""
-    digest = hashlib.sha256(f"{seed}/{name}/{step}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def epoch_batch(n: int, batch_size: int, step: int, seed: int, name: str) -> torch.Tensor:
@@ -82,11 +76,6 @@ def batch_rows(seed: int, step: int, size: int, batch_size: int) -> np.ndarray:
     steps_per_epoch = math.ceil(size / batch_size)
     epoch, position = divmod(step, steps_per_epoch)
     return epoch_order(seed, epoch, size)[position * batch_size : (position + 1) * batch_size]
-
-
-def fingerprint(*parts: Any) -> str:
-    """Hash of the JSON of ``parts``: a checkpoint only resumes a run with the same config and inputs."""
-    return hashlib.md5(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # --- RNG -----------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def _params(runner: str):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A workspace with every input of ``candidates`` and ``evaluate``, made without training the models."""
-    from pigeon.models.loading import load_pigeon
+    from pigeon.artifacts import load_pigeon
     from pigeon.stages import run_stage
 
     params = _params("thread")

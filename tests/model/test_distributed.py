@@ -83,7 +83,7 @@ def test_a_stage_that_does_not_split_refuses_a_launch(monkeypatch):
 
 
 def test_stage1_on_two_processes_records_one_run_and_a_loadable_model(smoke, tmp_path):
-    from pigeon.models.loading import load_pigeon
+    from pigeon.artifacts import load_pigeon
 
     smoke.run_until("stage1")
     single = read_json(smoke.ws.stage1 / "metrics.json")

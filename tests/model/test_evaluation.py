@@ -23,7 +23,7 @@ HISTORY = history_columns(5)
 @pytest.fixture(scope="module")
 def scored(smoke):
     """Evaluator, scorer and every test window of the smoke workspace (evaluators stage done)."""
-    from pigeon.models.loading import load_backbone
+    from pigeon.artifacts import load_backbone
 
     ws = smoke.run_until("evaluators")
     items = read_items(ws.raw)
@@ -227,9 +227,9 @@ def test_evaluation_shards_give_the_same_images_whatever_the_shard_size(tmp_path
     lost shard is made again on its own, byte for byte."""
     import torch
 
+    from pigeon.artifacts import load_pigeon
     from pigeon.evaluation.generation import shard_size
     from pigeon.io import file_md5
-    from pigeon.models.loading import load_pigeon
     from pigeon.shards import read_tensor_shard, tensor_shard_files
     from pigeon.stages import evaluate
     from tests.conftest import smoke_params, untrained_workspace

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -144,7 +145,7 @@ def test_pigeon_on_janus_loss_logps_generate(backbone):
 
 
 def test_load_pigeon_round_trip_through_stage_folder(janus_dir, tmp_path):
-    from pigeon.models.loading import load_backbone, load_pigeon
+    from pigeon.artifacts import load_backbone, load_pigeon
 
     params, ws = janus_params(janus_dir), Workspace.at(tmp_path)
     fresh = load_pigeon(params, ws, None, "cpu")
@@ -160,3 +161,62 @@ def test_load_pigeon_round_trip_through_stage_folder(janus_dir, tmp_path):
         load_pigeon(params, ws, "dpo", "cpu")
     with pytest.raises(CheckpointError, match="config.json"):
         load_backbone(janus_params(tmp_path / "missing"), ws, "cpu")
+
+
+def test_backbone_stages_follow_the_janus_checkpoint(janus_dir, tmp_path):
+    """Pointing ``backbone.janus_path`` at another checkpoint makes ``dvc status`` report the stages that
+    load the backbone (in params.yaml: exactly those; in the profile: every stage that reads the profile
+    file); a change inside the folder changes the flow's cache key of exactly those stages."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from pigeon.hashing import load_stage_specs, stage_fingerprint
+    from pigeon.pipeline import BACKBONE_STAGES, PIPELINE
+
+    repo, other = tmp_path / "repo", tmp_path / "other-janus"
+    shutil.copytree(janus_dir, other)
+    (repo / "profiles").mkdir(parents=True)
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    params = {**yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")), "profile": "janus"}
+    profile = yaml.safe_load((REPO / "profiles" / "janus.yaml").read_text(encoding="utf-8"))
+
+    def write(params_janus_path, profile_janus_path) -> None:
+        params["backbone"] = {**params["backbone"], "janus_path": params_janus_path}
+        profile["backbone"] = {**profile["backbone"], "janus_path": profile_janus_path}
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+        (repo / "profiles" / "janus.yaml").write_text(yaml.safe_dump(profile, sort_keys=False), encoding="utf-8")
+
+    def dvc(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True,
+                              check=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"}).stdout
+
+    write(None, str(janus_dir))
+    for spec in PIPELINE:  # stand-ins for every input and output: dvc status compares hashes only
+        for path in (*spec.deps, *spec.outs, *spec.metrics):
+            target = repo / path.replace("${profile}", "janus")
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(path, encoding="utf-8")
+    dvc("init", "--no-scm", "-q")
+    dvc("commit", "--force", "-q")
+    assert json.loads(dvc("status", "--json")) == {}
+
+    write(str(other), str(janus_dir))  # params.yaml points at another one (`dvc exp run -S backbone.janus_path=…`)
+    assert set(json.loads(dvc("status", "--json"))) == set(BACKBONE_STAGES)
+    write(None, str(janus_dir))
+    assert json.loads(dvc("status", "--json")) == {}
+    write(None, str(other))  # the janus profile does: every stage that reads the profile file changes
+    readers = {spec.name for spec in PIPELINE if "profiles/${profile}.yaml" in spec.deps}
+    assert set(json.loads(dvc("status", "--json"))) == readers and readers >= set(BACKBONE_STAGES)
+    assert set(BACKBONE_STAGES) == {"foundation", "stage1", "candidates", "rank", "dpo", "evaluate", "register"}
+
+    specs, ws = load_stage_specs(REPO / "dvc.yaml", "janus"), Workspace.at(tmp_path / "ws")
+    before = {name: stage_fingerprint(specs[name], janus_params(other), ws, REPO) for name in specs}
+    config = other / "config.json"
+    config.write_text(config.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+    after = {name: stage_fingerprint(specs[name], janus_params(other), ws, REPO) for name in specs}
+    assert {name for name in specs if before[name] != after[name]} == set(BACKBONE_STAGES)

@@ -296,8 +296,9 @@ def test_save_load_trainable_round_trip(tmp_path, model):
 
 
 def test_window_encoder_and_item_code_cache(tmp_path, synthetic_raw):
+    from pigeon.artifacts import cached_item_codes
     from pigeon.data.raw import load_images, read_items
-    from pigeon.models.batching import WindowEncoder, cached_item_codes, item_codes
+    from pigeon.models.batching import WindowEncoder, item_codes
     from pigeon.models.personalization import reference_view
     from pigeon.paths import Workspace
 

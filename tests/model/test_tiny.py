@@ -214,7 +214,7 @@ def test_diffusion_loss_trains_the_denoiser():
 def test_reward_features_of_items_match_a_separate_centre_and_encode(backbone: TinyBackbone):
     """One encoder pass (``fit_items``) gives the centre of the centre's items alone and the features
     that a separate encode with that centre gives."""
-    from pigeon.training.reward import RewardEncoder
+    from pigeon.evaluation.reward import RewardEncoder
 
     items = ((images(7, seed=3).permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     centre_ids = [4, 1, 1, 6]

@@ -50,9 +50,8 @@ def _first_shard(ws):
 
 def test_candidates_record_the_exact_conditioning_and_seeds(smoke):
     """Replaying a shard's recorded masks, α_r and seed regenerates the same codes."""
+    from pigeon.artifacts import load_pigeon, window_encoder
     from pigeon.data.users import read_windows
-    from pigeon.models.loading import load_pigeon
-    from pigeon.stages.stage1 import window_encoder
 
     ws = smoke.run_until("candidates")
     params = smoke.params
@@ -115,9 +114,8 @@ def test_rank_pairs_are_the_best_and_worst_candidate(smoke):
 
 
 def test_policy_and_reference_logps_are_equal_before_the_first_step(smoke):
-    from pigeon.models.loading import load_pigeon
+    from pigeon.artifacts import load_pigeon, window_encoder
     from pigeon.stages.dpo import load_pairs
-    from pigeon.stages.stage1 import window_encoder
     from pigeon.training.dpo import disable_dropout, pair_logps, score_pairs
 
     ws = smoke.run_until("rank")

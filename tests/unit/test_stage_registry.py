@@ -1,4 +1,4 @@
-"""The stage registry (pigeon.stages.PIPELINE) says what dvc.yaml says, and its consumers read it."""
+"""The stage registry (pigeon.pipeline.PIPELINE, read through pigeon.stages) says what dvc.yaml says, and its consumers read it."""
 
 from __future__ import annotations
 
@@ -77,8 +77,9 @@ def test_params_keys_exist():
 
 
 def test_flags():
-    from pigeon.stages import DATA_PARALLEL_STAGES, GPU_STAGES, SHARDED_STAGES
+    from pigeon.stages import BACKBONE_STAGES, DATA_PARALLEL_STAGES, GPU_STAGES, SHARDED_STAGES
 
+    assert BACKBONE_STAGES == ("foundation", "stage1", "candidates", "rank", "dpo", "evaluate", "register")
     assert SHARDED_STAGES == ("candidates", "evaluate")
     assert DATA_PARALLEL_STAGES == ("stage1", "dpo")
     assert GPU_STAGES == ("foundation", "stage1", "candidates", "dpo", "evaluate")
@@ -112,3 +113,29 @@ def test_tracking_logs_the_params_keys_the_stage_lists():
     for spec in PIPELINE:
         assert {k.split(".")[0] for k in stage_params(spec.name, params)} == {k.split(".")[0] for k in spec.params}
         assert stage_outputs(spec.name) == (*spec.outs, *spec.metrics)
+
+
+def test_backbone_stages_are_the_stages_that_build_or_load_it():
+    """A stage whose code reaches pigeon.artifacts (which loads the backbone) or builds the tiny backbone
+    is flagged ``backbone``, and then lists the whole backbone section, the profile file and the model code."""
+    from tests.unit.test_imports import import_graph
+
+    edges = import_graph()[0]
+
+    def reaches(module: str) -> set[str]:
+        seen, todo = set(), [module]
+        while todo:
+            for nxt in edges.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    for spec in PIPELINE:
+        found = reaches(f"pigeon.stages.{spec.name}")
+        assert spec.backbone == bool(found & {"pigeon.artifacts", "pigeon.models.tiny"}), spec.name
+        if spec.backbone:
+            assert {"backbone", "profile"} <= set(spec.params), spec.name
+            assert {"profiles/${profile}.yaml", "pigeon/models"} <= set(spec.deps), spec.name
+        if "pigeon.artifacts" in found:
+            assert "pigeon/artifacts.py" in spec.deps, spec.name
