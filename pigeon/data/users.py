@@ -279,7 +279,6 @@ def append_day(log: LogTables | None, day_rows: LogTables) -> LogTables:
 def derive_simulation(items: pd.DataFrame, cfg: SimulateConfig, log: LogTables) -> Simulation:
     """Users, interactions and windows from the log: a window's target is any non-noise interaction with
     ``cfg.window - 1`` interactions before it; its ``preferred_style`` is the user's style on that day."""
-    cat = _Catalogue(items)
     history_len = cfg.window - 1
     inter = log.interactions.sort_values(["user_id", "position"], kind="stable").reset_index(drop=True)
     users_log = log.users.sort_values("user_id", kind="stable").reset_index(drop=True)

@@ -434,7 +434,7 @@ def _derive_log_interactions(frame: pd.DataFrame, items: pd.DataFrame, users: pd
 
 
 def validate_log(log: LogTables, items: pd.DataFrame, params: Params, new_day: int,
-                 runner: "_GxRunner | None" = None) -> list[Check]:
+                 runner: _GxRunner | None = None) -> list[Check]:
     """The log suites: users, interactions (no duplicates, contiguous days, noise as declared), references
     and, from day 1 on, the style mix of ``new_day`` against the earlier days'."""
     import great_expectations.expectations as gxe

@@ -8,8 +8,8 @@ Reads ``data/raw`` and ``data/log`` (the log up to its last day, :mod:`pigeon.da
 from __future__ import annotations
 
 from pigeon.config import Params
-from pigeon.data.raw import read_items
 from pigeon.data.ingest import log_dir, log_version, read_log
+from pigeon.data.raw import read_items
 from pigeon.data.users import derive_simulation, simulate_day, write_simulation
 from pigeon.io import atomic_dir, ensure_folders, write_json
 from pigeon.paths import Workspace

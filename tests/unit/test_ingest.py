@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pandas as pd
@@ -49,7 +50,7 @@ def test_the_log_grows_and_keeps_its_past(grown):
     assert [summary["day"] for summary, _ in versions] == [0, 1, 2]
     assert len({summary["md5"] for summary, _ in versions}) == 3  # three data versions
     assert versions[-1][0]["md5"] == log_version(ws)["md5"] == dvc_md5(log_dir(ws))
-    for (_, (before, _)), (summary, (after, meta)) in zip(versions, versions[1:]):
+    for (_, (before, _)), (summary, (after, meta)) in pairwise(versions):
         day = summary["day"]
         old = len(before.interactions)
         pd.testing.assert_frame_equal(after.interactions.iloc[:old], before.interactions)  # never rewritten
@@ -69,7 +70,7 @@ def test_the_log_grows_and_keeps_its_past(grown):
 
 
 def test_windows_come_from_the_log_and_test_users_never_train(grown, tmp_path):
-    ws, versions = grown
+    ws, _ = grown
     shutil.copytree(ws.root, tmp_path, dirs_exist_ok=True)
     ws = Workspace.at(tmp_path)
     summary = simulate.run(smoke_params("ingest.day=2"), ws)
