@@ -276,9 +276,12 @@ def retrain(
     overrides: list[str] | None = None,
     workspace: str = ".",
     until: str | None = None,
+    next_day: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline (or its stages up to ``until``); returns the headline metrics of
-    ``reports/metrics.json`` (empty when the run stops before ``evaluate``)."""
+    ``reports/metrics.json`` (empty when the run stops before ``evaluate``). ``next_day``: first add the
+    day after the interaction log's last one (``ingest.day`` = last + 1), as the nightly deployment does."""
+    from pigeon.data.ingest import last_day, log_version, record_dvc_version
     from pigeon.runtime import set_offline_env
     from pigeon.tracking import pipeline_run
 
@@ -286,8 +289,9 @@ def retrain(
     if until is not None and until not in STAGES:
         raise PigeonError(f"until: unknown stage {until!r} (stages: {', '.join(STAGES)})")
     stages = STAGES[: STAGES.index(until) + 1] if until else STAGES
-    params = load_params(params_path, profile, list(overrides or ()))
     ws = Workspace.at(workspace)
+    overrides = [*(overrides or ()), *([f"ingest.day={last_day(ws) + 1}"] if next_day else [])]
+    params = load_params(params_path, profile, overrides)
     use_gpu_limit = ensure_gpu_limit(params.orchestration.gpu_concurrency)
 
     with workspace_lock(ws, "flow retrain") as holder, contextlib.ExitStack() as tracking:
@@ -300,6 +304,12 @@ def retrain(
                 tracked = True
             state_name = _run_stage(stage, call, cached)
             print(f"{stage}: {state_name}")
+            if stage == STAGES[0]:  # ingest: the data version every later stage and the model record
+                version = log_version(ws) or {}
+                print(f"data: interaction log day {version.get('day')}, DVC md5 {version.get('md5')}")
+                warning = record_dvc_version(ws) if state_name == "Completed" else None
+                if warning:
+                    _logger().warning(warning)
     metrics_path = ws.reports / "metrics.json"
     if "evaluate" not in stages or not metrics_path.is_file():
         return {}

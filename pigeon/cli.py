@@ -60,6 +60,23 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_ingest(args: argparse.Namespace) -> int:
+    from pigeon.config import load_params
+    from pigeon.data.ingest import last_day, record_dvc_version
+    from pigeon.paths import Workspace
+    from pigeon.stages import run_stage
+
+    ws = Workspace.at(args.workspace)
+    day = last_day(ws) + 1 if args.day is None else args.day
+    params = load_params(args.params, args.profile, [*(args.set or ()), f"ingest.day={day}"])
+    result = run_stage("ingest", params, ws)
+    warning = record_dvc_version(ws)
+    if warning:
+        print(f"pigeon: warning: {warning}", file=sys.stderr)
+    print(json.dumps(result, default=str))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from pigeon.paths import Workspace
     from pigeon.runtime import setup_torch
@@ -118,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_args(p)
     p.add_argument("--out", default=None, help="output folder (default: <workspace>/data/raw)")
     p.set_defaults(func=cmd_data_fetch)
+
+    p = data.add_parser("ingest", help="add the next day of simulated interactions to data/log (audited first)")
+    _add_params_args(p)
+    p.add_argument("--day", type=int, default=None,
+                   help="the last day the log should hold (default: the day after its last one)")
+    p.set_defaults(func=cmd_data_ingest)
 
     p = sub.add_parser("generate", help="personalize one reference image for a history of images")
     _add_params_args(p)

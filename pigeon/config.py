@@ -92,6 +92,35 @@ class SimulateConfig(Section):
         return self
 
 
+class IngestConfig(Section):
+    """The interaction log (``data/log``) grows one simulated day at a time (docs/design.md §3): day 0 is
+    the ``simulate.num_users`` cohort; each later day brings new users and sessions of returning ones,
+    drawn with the same preference and noise model."""
+
+    day: int = Field(0, ge=0, description="The last day the log holds; missing days up to it are appended. "
+                     "A log that already holds it is left as it is (a log never shrinks).")
+    new_users: int = Field(100, ge=0, description="Users whose first day it is, per day after day 0.")
+    returning_share: float = Field(0.3, ge=0.0, le=1.0, description="Share of the earlier users who come back "
+                                   "on a day.")
+    min_session: int = Field(3, ge=1, description="Fewest interactions of a returning user's session.")
+    max_session: int = Field(8, ge=1, description="Most interactions of a returning user's session.")
+    drift_share: float = Field(0.0, ge=0.0, le=1.0, description="Share of a day's users who take up "
+                               "drift_style from that day on (returning users switch, new users start with it).")
+    drift_style: str | None = Field(None, description="The style drifting users take up; None: a random other "
+                                    "style per user (churn without a change in the style mix).")
+    style_mix_tolerance: float = Field(0.05, gt=0.0, le=1.0, description="Validation: each style's share of a "
+                                       "new day's interactions must lie within the range of the earlier days' "
+                                       "shares widened by this much.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "IngestConfig":
+        if self.max_session < self.min_session:
+            raise ValueError("max_session must be >= min_session")
+        if self.drift_style is not None and self.drift_style not in STYLES:
+            raise ValueError(f"unknown drift_style {self.drift_style!r} (known: {', '.join(STYLES)})")
+        return self
+
+
 class VQConfig(Section):
     block_channels: tuple[int, ...] = Field((32, 64, 128), description="VQModel block widths.")
     latent_channels: int = Field(32, ge=1)
@@ -329,6 +358,7 @@ class Params(Section):
     threads: int = Field(0, ge=0, description="Torch CPU threads; 0 = OMP_NUM_THREADS or every available core.")
     data: DataConfig = DataConfig()
     simulate: SimulateConfig = SimulateConfig()
+    ingest: IngestConfig = IngestConfig()
     backbone: BackboneConfig = BackboneConfig()
     foundation: FoundationConfig = FoundationConfig()
     model: ModelConfig = ModelConfig()
@@ -348,6 +378,8 @@ class Params(Section):
             raise ValueError(f"backbone.image_size {self.backbone.image_size} is not in data.sizes")
         if self.simulate.window != self.model.history_len + 1:
             raise ValueError("simulate.window must equal model.history_len + 1")
+        if self.ingest.drift_style is not None and self.ingest.drift_style not in self.data.styles:
+            raise ValueError(f"ingest.drift_style {self.ingest.drift_style!r} is not in data.styles")
         return self
 
 

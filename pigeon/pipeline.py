@@ -38,18 +38,28 @@ class Stage:
 
 PIPELINE: tuple[Stage, ...] = (
     Stage(
+        "ingest",
+        params=("profile", "seed", "simulate", "ingest"),
+        deps=("data/raw/items.parquet", "data/raw/manifest.json", "profiles/${profile}.yaml", "pigeon/data/raw.py",
+              "pigeon/data/users.py", "pigeon/data/ingest.py", "pigeon/data/validation.py",
+              "pigeon/stages/ingest.py"),
+        outs=("data/log",),
+        metrics=("reports/ingest.json",),
+    ),
+    Stage(
         "simulate",
         params=("profile", "seed", "simulate", "data"),
-        deps=("data/raw/items.parquet", "data/raw/manifest.json", "profiles/${profile}.yaml", "pigeon/data/raw.py",
-              "pigeon/data/users.py", "pigeon/stages/simulate.py"),
+        deps=("data/raw/items.parquet", "data/raw/manifest.json", "data/log", "profiles/${profile}.yaml",
+              "pigeon/data/raw.py", "pigeon/data/users.py", "pigeon/data/ingest.py", "pigeon/stages/simulate.py"),
         outs=("data/users",),
         metrics=("reports/simulate.json",),
     ),
     Stage(
         "validate",
-        params=("profile", "data", "simulate", "model.history_len"),
-        deps=("data/raw", "data/users", "profiles/${profile}.yaml", "pigeon/data/raw.py", "pigeon/data/users.py",
-              "pigeon/data/validation.py", "pigeon/stages/validate.py"),
+        params=("profile", "data", "simulate", "ingest.style_mix_tolerance", "model.history_len"),
+        deps=("data/raw", "data/log", "data/users", "profiles/${profile}.yaml", "pigeon/data/raw.py",
+              "pigeon/data/users.py", "pigeon/data/ingest.py", "pigeon/data/validation.py",
+              "pigeon/stages/validate.py"),
         outs=("reports/validation.json",),
     ),
     Stage(
@@ -129,9 +139,10 @@ PIPELINE: tuple[Stage, ...] = (
     Stage(
         "register",
         params=("profile", "backbone", "model", "evaluate.alpha_ref", "evaluate.sampling", "register", "tracking"),
-        deps=("data/raw/items.parquet", "data/raw/manifest.json", "models/foundation", "models/dpo",
-              "reports/metrics.json", "profiles/${profile}.yaml", "pigeon/models", "pigeon/artifacts.py",
-              "pigeon/registry.py", "pigeon/serving.py", "pigeon/tracking.py", "pigeon/stages/register.py"),
+        deps=("data/raw/items.parquet", "data/raw/manifest.json", "data/log", "models/foundation", "models/dpo",
+              "reports/metrics.json", "profiles/${profile}.yaml", "pigeon/data/ingest.py", "pigeon/models",
+              "pigeon/artifacts.py", "pigeon/registry.py", "pigeon/serving.py", "pigeon/tracking.py",
+              "pigeon/stages/register.py"),
         outs=("reports/registry.json",),
         backbone=True,
     ),

@@ -7,7 +7,8 @@ DVC runs every stage in its own process, so each stage finds its pipeline's pare
   The last stage (register) ends that parent; a failed stage marks it failed.
 
 A stage run holds the params keys its stage lists (:data:`pigeon.stages.PIPELINE`, as in ``dvc.yaml``),
-the git commit, the raw dataset (``data.dvc`` md5) as an input, its result and ``metrics.json``-style
+the git commit, the raw dataset (``data.dvc`` md5) and the interaction log (its DVC md5 and last day,
+also as ``pigeon.data.*`` tags, on the pipeline run too) as inputs, its result and ``metrics.json``-style
 numbers, per-step curves (``*curves*.csv``) and the figures/tables of its outs and metrics files.
 Everything is sent in batches: one ``log_metric`` costs ~22 ms on sqlite.
 """
@@ -173,6 +174,34 @@ def raw_dataset(ws: Workspace):
     return MetaDataset(LocalArtifactDatasetSource(str(ws.raw)), name="emoji-raw", digest=digest[:36])
 
 
+def data_version_tags(ws: Workspace) -> dict[str, str]:
+    """The data a run or model version comes from, as tags: the raw dataset's md5 and the interaction
+    log's DVC md5 and last day (``pigeon.data.*``; no log: raw only)."""
+    from pigeon.data.ingest import log_version
+
+    tags = {}
+    raw = raw_dataset(ws)
+    if raw is not None:
+        tags["pigeon.data.raw_md5"] = raw.digest
+    version = log_version(ws)
+    if version is not None:
+        tags.update({"pigeon.data.log_md5": version["md5"], "pigeon.data.day": str(version["day"])})
+    return tags
+
+
+def log_dataset(ws: Workspace, tags: dict[str, str]):
+    """The interaction log as an MLflow dataset (digest: its DVC md5), or None without a log."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    from pigeon.data.ingest import log_dir
+
+    if "pigeon.data.log_md5" not in tags:
+        return None
+    return MetaDataset(LocalArtifactDatasetSource(str(log_dir(ws))),
+                       name=f"interaction-log-day-{tags['pigeon.data.day']}", digest=tags["pigeon.data.log_md5"][:36])
+
+
 def flatten_numbers(obj: Any, prefix: str = "", out: dict[str, float] | None = None) -> dict[str, float]:
     """Numeric leaves of nested dicts as ``a.b.c`` → float (lists and strings are skipped)."""
     out = {} if out is None else out
@@ -251,7 +280,7 @@ def _start_parent(tracker: Tracker, params: Params, ws: Workspace, entrypoint: s
             run_name=f"pipeline {params.profile} {time.strftime('%Y-%m-%d %H:%M:%S')}")
     flat = flatten_params(params.model_dump(mode="json"))
     _log_batch(tracker.client, run.info.run_id, params=[Param(k, v) for k, v in sorted(flat.items())])
-    _log_raw_dataset(tracker, run.info.run_id, ws, "training")
+    _log_datasets(tracker, run.info.run_id, ws, "training")
     return run.info.run_id
 
 
@@ -393,19 +422,30 @@ def _start_stage_run(tracker: Tracker, name: str, parent_id: str, params: Params
         created = tracker.client.create_run(tracker.experiment_id, tags=tags, run_name=name)
         run_id = created.info.run_id
         _log_batch(tracker.client, run_id, params=[Param(k, v) for k, v in sorted(flat.items())])
-    _log_raw_dataset(tracker, run_id, ws, "evaluation" if name in ("evaluate", "register") else "training")
+    context = "evaluation" if name in ("evaluate", "register") else "training"
+    # The log is ingest's output, not its input: every later stage (and the pipeline run) records it.
+    _log_datasets(tracker, run_id, ws, context, with_log=name != STAGES[0])
+    if name != STAGES[0]:
+        _log_datasets(tracker, parent_id, ws, "training", with_log=True, with_raw=False)
     return StageRun(name, run_id, parent_id, tracker)
 
 
-def _log_raw_dataset(tracker: Tracker, run_id: str, ws: Workspace, context: str) -> None:
-    from mlflow.entities import DatasetInput, InputTag
+def _log_datasets(tracker: Tracker, run_id: str, ws: Workspace, context: str, with_log: bool = False,
+                  with_raw: bool = True) -> None:
+    """The raw dataset and (``with_log``) the interaction log as the run's dataset inputs, and the data
+    version as its ``pigeon.data.*`` tags."""
+    from mlflow.entities import DatasetInput, InputTag, RunTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    dataset = raw_dataset(ws)
-    if dataset is not None:
-        with _WRITE_LOCK:
-            tracker.client.log_inputs(run_id, datasets=[DatasetInput(
-                dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+    tags = data_version_tags(ws) if with_log else {}
+    datasets = [raw_dataset(ws)] if with_raw else []
+    datasets.append(log_dataset(ws, tags))
+    inputs = [DatasetInput(d._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+              for d in datasets if d is not None]
+    with _WRITE_LOCK:
+        if inputs:
+            tracker.client.log_inputs(run_id, datasets=inputs)
+    _log_batch(tracker.client, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def _log_stage_outputs(run: StageRun, ws: Workspace) -> None:

@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pigeon.config import SimulateConfig
+from pigeon.config import IngestConfig, SimulateConfig
 from pigeon.data.raw import read_items
 from pigeon.data.raw import read_table as read_parquet_table
 from pigeon.errors import DataError
+from pigeon.io import read_json
 from pigeon.paths import Workspace
 
 SPLITS = ("train", "val", "test")
@@ -93,38 +94,50 @@ def _pick(rng: np.random.Generator, pool: np.ndarray, fallback: np.ndarray, k: i
     return rng.choice(pool, size=k) if k else np.empty(0, dtype=np.int64)
 
 
-def simulate_users(items: pd.DataFrame, cfg: SimulateConfig, seed: int) -> Simulation:
-    """Seeded simulation of ``cfg.num_users`` users over the ``items`` table."""
-    cat = _Catalogue(items)
+@dataclass
+class LogTables:
+    """The interaction log (docs/design.md §3), or one day's new rows of it.
+
+    ``users``: user_id, split, first_day, preferred_groups ("|"-joined); a user's split is drawn on its
+    first day and never changes, so a test user never trains on a later day.
+    ``interactions``: user_id, day, position (0.. over the user's whole sequence), item_id, is_noise,
+    preferred_style (the user's style on that day: it changes where a user drifts).
+    ``references``: user_id, position, reference_item — for every interaction that can be a window's
+    target, the same emoji in another style (the ground-truth protocol), drawn when it is logged.
+    """
+
+    users: pd.DataFrame
+    interactions: pd.DataFrame
+    references: pd.DataFrame
+
+
+LOG_USER_COLUMNS = ("user_id", "split", "first_day", "preferred_groups")
+LOG_INTERACTION_COLUMNS = ("user_id", "day", "position", "item_id", "is_noise", "preferred_style")
+LOG_REFERENCE_COLUMNS = ("user_id", "position", "reference_item")
+
+
+def _draw_interactions(cat: _Catalogue, cfg: SimulateConfig, rng: np.random.Generator, styles: np.ndarray,
+                       lengths: np.ndarray, group_counts: np.ndarray, groups: list | None = None):
+    """The next ``lengths[u]`` interactions of users preferring ``styles[u]`` (style indices), user-major.
+    Each user's preferred groups are given (``groups[u]``, group indices) or, where None, drawn
+    (``group_counts[u]`` of them).
+    Returns (user index per row, emoji, style, is_noise, groups per user)."""
     n_styles, n_groups = len(cat.styles), len(cat.groups)
-    if n_styles < 2:
-        raise DataError(f"items: need at least 2 styles to simulate noise, found {n_styles}")
-    if not cat.multi_style.any():
-        raise DataError("items: no emoji exists in two styles; windows need a cross-style reference")
-    rng = np.random.default_rng(seed)
-    n = cfg.num_users
-    history_len = cfg.window - 1
-
-    # Balanced preferred styles (every style gets users), random groups and sequence lengths.
-    pref_style = rng.permutation(np.arange(n) % n_styles)
-    lengths = rng.integers(cfg.min_interactions, cfg.max_interactions + 1, size=n)
-    max_groups = min(cfg.max_groups, n_groups)
-    n_pref_groups = rng.integers(min(cfg.min_groups, max_groups), max_groups + 1, size=n)
     emoji_group_idx = pd.Index(cat.groups).get_indexer(cat.emoji_group)
-
-    user_of = np.repeat(np.arange(n), lengths)
-    position = np.concatenate([np.arange(k) for k in lengths])
+    user_of = np.repeat(np.arange(len(styles)), lengths)
     is_noise = rng.random(len(user_of)) < cfg.noise_rate
     from_pref = rng.random(len(user_of)) < cfg.group_focus
     emoji = np.empty(len(user_of), dtype=np.int64)
-    pref_groups_text = []
+    chosen = []
     starts = np.concatenate([[0], np.cumsum(lengths)])
-    for u in range(n):
-        groups_u = np.sort(rng.choice(n_groups, size=n_pref_groups[u], replace=False))
-        pref_groups_text.append("|".join(cat.groups[g] for g in groups_u))
+    for u in range(len(styles)):
+        groups_u = None if groups is None else groups[u]
+        if groups_u is None:
+            groups_u = np.sort(rng.choice(n_groups, size=group_counts[u], replace=False))
+        chosen.append(groups_u)
         in_pref = np.isin(emoji_group_idx, groups_u)
         # Non-noise items need the emoji in the preferred style and in one other style.
-        ok = cat.available[:, pref_style[u]] & cat.multi_style
+        ok = cat.available[:, styles[u]] & cat.multi_style
         span = slice(starts[u], starts[u + 1])
         want_pref = from_pref[span]
         all_ok = np.flatnonzero(ok)
@@ -134,66 +147,202 @@ def simulate_users(items: pd.DataFrame, cfg: SimulateConfig, seed: int) -> Simul
         emoji[span] = pick
 
     # Noise positions: the same emoji in a random other style where it exists.
-    style = pref_style[user_of].copy()
+    style = styles[user_of].copy()
     noise_idx = np.flatnonzero(is_noise)
     scores = rng.random((len(noise_idx), n_styles))
     allowed = cat.available[emoji[noise_idx]].copy()
     allowed[np.arange(len(noise_idx)), style[noise_idx]] = False
     style[noise_idx] = np.where(allowed, scores, -1.0).argmax(axis=1)
+    return user_of, emoji, style, is_noise, chosen
+
+
+def _draw_references(cat: _Catalogue, rng: np.random.Generator, emoji: np.ndarray, style: np.ndarray) -> np.ndarray:
+    """For each target, the same emoji in a random other style where it exists (item ids)."""
+    scores = rng.random((len(emoji), len(cat.styles)))
+    allowed = cat.available[emoji].copy()
+    allowed[np.arange(len(emoji)), style] = False
+    return cat.item_id[emoji, np.where(allowed, scores, -1.0).argmax(axis=1)]
+
+
+def _log_rows(cat: _Catalogue, users: pd.DataFrame, user_ids: np.ndarray, user_style: np.ndarray,
+              first_position: np.ndarray, day: int, history_len: int, rng: np.random.Generator,
+              drawn: tuple) -> LogTables:
+    """The log rows of one day's draw (``drawn``: what :func:`_draw_interactions` returned)."""
+    user_of, emoji, style, is_noise, _ = drawn
+    lengths = np.bincount(user_of, minlength=len(user_ids))
+    position = first_position[user_of] + np.concatenate([np.arange(k) for k in lengths] or [np.empty(0, int)])
     item = cat.item_id[emoji, style]
+    target = np.flatnonzero((position >= history_len) & ~is_noise)
+    reference = _draw_references(cat, rng, emoji[target], style[target])
+    interactions = pd.DataFrame({
+        "user_id": user_ids[user_of].astype(np.int64),
+        "day": np.full(len(user_of), day, dtype=np.int64),
+        "position": position.astype(np.int64),
+        "item_id": item.astype(np.int64),
+        "is_noise": is_noise,
+        "preferred_style": pd.array([cat.styles[s] for s in user_style[user_of]], dtype="str"),
+    })
+    references = pd.DataFrame({"user_id": user_ids[user_of[target]].astype(np.int64),
+                               "position": position[target].astype(np.int64),
+                               "reference_item": reference.astype(np.int64)})
+    return LogTables(users, interactions, references)
 
-    order = rng.permutation(n)
-    split_of = np.empty(n, dtype=object)
-    bounds = np.cumsum([0, *_split_counts(n, cfg.split)])
-    for name, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:]):
-        split_of[order[lo:hi]] = name
 
-    interactions = pd.DataFrame(
-        {
-            "user_id": user_of.astype(np.int64),
-            "position": position.astype(np.int64),
-            "item_id": item.astype(np.int64),
-            "is_noise": is_noise,
-        }
-    )
-    noise_per_user = np.bincount(user_of, weights=is_noise, minlength=n) / lengths
-    users = pd.DataFrame(
-        {
-            "user_id": np.arange(n, dtype=np.int64),
-            "split": pd.array(split_of.tolist(), dtype="str"),
-            "preferred_style": pd.array([cat.styles[s] for s in pref_style], dtype="str"),
-            "preferred_groups": pd.array(pref_groups_text, dtype="str"),
-            "noise_rate": noise_per_user.astype(np.float64),
-        }
-    )
+def simulate_day(items: pd.DataFrame, cfg: SimulateConfig, seed: int, day: int = 0,
+                 log: LogTables | None = None, ingest: IngestConfig | None = None) -> LogTables:
+    """The new rows of day ``day`` of the simulated interaction log.
+
+    Day 0 (``log`` None): ``cfg.num_users`` users with balanced preferred styles, split 8:1:1. A later day
+    (``log`` holds days 0..day-1): ``ingest.new_users`` new users (random styles, each split with the
+    ``cfg.split`` shares) and a ``ingest.returning_share`` of the earlier users back for a session;
+    ``ingest.drift_share`` of the day's users take up ``ingest.drift_style`` from this day on."""
+    cat = _Catalogue(items)
+    n_styles, n_groups = len(cat.styles), len(cat.groups)
+    if n_styles < 2:
+        raise DataError(f"items: need at least 2 styles to simulate noise, found {n_styles}")
+    if not cat.multi_style.any():
+        raise DataError("items: no emoji exists in two styles; windows need a cross-style reference")
+    history_len = cfg.window - 1
+    max_groups = min(cfg.max_groups, n_groups)
+    if log is None:
+        if day != 0:
+            raise DataError(f"day {day}: the log starts at day 0")
+        rng = np.random.default_rng(seed)
+        n = cfg.num_users
+        # Balanced preferred styles (every style gets users), random groups and sequence lengths.
+        pref_style = rng.permutation(np.arange(n) % n_styles)
+        lengths = rng.integers(cfg.min_interactions, cfg.max_interactions + 1, size=n)
+        n_pref_groups = rng.integers(min(cfg.min_groups, max_groups), max_groups + 1, size=n)
+        drawn = _draw_interactions(cat, cfg, rng, pref_style, lengths, n_pref_groups)
+        order = rng.permutation(n)
+        split_of = np.empty(n, dtype=object)
+        bounds = np.cumsum([0, *_split_counts(n, cfg.split)])
+        for name, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:]):
+            split_of[order[lo:hi]] = name
+        users = _log_users(np.arange(n), split_of, day, cat, drawn[4])
+        return _log_rows(cat, users, np.arange(n), pref_style, np.zeros(n, dtype=np.int64), day, history_len,
+                         rng, drawn)
+
+    ingest = ingest or IngestConfig()
+    rng = np.random.default_rng([seed, day])
+    style_index = {s: i for i, s in enumerate(cat.styles)}
+    last = log.interactions.sort_values(["user_id", "position"]).groupby("user_id", sort=True).tail(1)
+    known = log.users.sort_values("user_id")
+    n_known = len(known)
+    back = np.sort(rng.choice(n_known, size=round(ingest.returning_share * n_known), replace=False))
+    back_ids = known["user_id"].to_numpy()[back]
+    last = last.set_index("user_id").loc[back_ids]
+    back_style = np.array([style_index[s] for s in last["preferred_style"]], dtype=np.int64)
+    back_groups = [pd.Index(cat.groups).get_indexer(g.split("|"))
+                   for g in known["preferred_groups"].to_numpy()[back]]
+    k = ingest.new_users
+    new_ids = np.arange(k, dtype=np.int64) + int(known["user_id"].max()) + 1
+    new_style = rng.integers(n_styles, size=k)
+    new_lengths = rng.integers(cfg.min_interactions, cfg.max_interactions + 1, size=k)
+    new_group_counts = rng.integers(min(cfg.min_groups, max_groups), max_groups + 1, size=k)
+    new_split = rng.choice(np.array(SPLITS, dtype=object), size=k, p=np.asarray(cfg.split) / sum(cfg.split))
+
+    styles = np.concatenate([back_style, new_style])
+    drifting = rng.random(len(styles)) < ingest.drift_share
+    target_style = (np.full(len(styles), style_index[ingest.drift_style]) if ingest.drift_style
+                    else (styles + rng.integers(1, n_styles, size=len(styles))) % n_styles)
+    styles = np.where(drifting, target_style, styles)
+    lengths = np.concatenate([rng.integers(ingest.min_session, ingest.max_session + 1, size=len(back)),
+                              new_lengths])
+    group_counts = np.concatenate([np.zeros(len(back), dtype=np.int64), new_group_counts])
+    # Returning users keep their groups; new users draw theirs (the same draw as on day 0).
+    drawn = _draw_interactions(cat, cfg, rng, styles, lengths, group_counts, groups=back_groups + [None] * k)
+    user_ids = np.concatenate([back_ids, new_ids])
+    first_position = np.concatenate([last["position"].to_numpy() + 1, np.zeros(k, dtype=np.int64)])
+    users = _log_users(new_ids, new_split, day, cat, drawn[4][len(back):])
+    return _log_rows(cat, users, user_ids, styles, first_position, day, history_len, rng, drawn)
+
+
+def _log_users(user_ids: np.ndarray, split_of: np.ndarray, day: int, cat: _Catalogue, groups: list) -> pd.DataFrame:
+    return pd.DataFrame({
+        "user_id": user_ids.astype(np.int64),
+        "split": pd.array(list(split_of), dtype="str"),
+        "first_day": np.full(len(user_ids), day, dtype=np.int64),
+        "preferred_groups": pd.array(["|".join(cat.groups[g] for g in groups_u) for groups_u in groups],
+                                     dtype="str"),
+    })
+
+
+def append_day(log: LogTables | None, day_rows: LogTables) -> LogTables:
+    """The log with one day's rows added (user-major, as :func:`derive_simulation` reads it)."""
+    if log is None:
+        return day_rows
+    return LogTables(*(pd.concat([old, new], ignore_index=True) for old, new in
+                       ((log.users, day_rows.users), (log.interactions, day_rows.interactions),
+                        (log.references, day_rows.references))))
+
+
+def derive_simulation(items: pd.DataFrame, cfg: SimulateConfig, log: LogTables) -> Simulation:
+    """Users, interactions and windows from the log: a window's target is any non-noise interaction with
+    ``cfg.window - 1`` interactions before it; its ``preferred_style`` is the user's style on that day."""
+    history_len = cfg.window - 1
+    inter = log.interactions.sort_values(["user_id", "position"], kind="stable").reset_index(drop=True)
+    users_log = log.users.sort_values("user_id", kind="stable").reset_index(drop=True)
+    user_ids = users_log["user_id"].to_numpy()
+    user_of = pd.Index(user_ids).get_indexer(inter["user_id"])
+    if (user_of < 0).any():
+        raise DataError(f"log: interactions of user {int(inter['user_id'][user_of < 0].iloc[0])}, "
+                        "who is not in the log's users table")
+    lengths = np.bincount(user_of, minlength=len(user_ids))
+    position = inter["position"].to_numpy()
+    expected = np.concatenate([np.arange(k) for k in lengths] or [np.empty(0, int)])
+    if not np.array_equal(position, expected):
+        bad = int(np.flatnonzero(position != expected)[0])
+        raise DataError(f"log: user {int(inter['user_id'][bad])} has positions that are not 0, 1, 2, … "
+                        f"(found {int(position[bad])} where {int(expected[bad])} was due)")
+    item = inter["item_id"].to_numpy()
+    is_noise = inter["is_noise"].to_numpy(dtype=bool)
+    style_at = inter["preferred_style"].to_numpy()
+    last_row = np.cumsum(lengths) - 1
+
+    interactions = pd.DataFrame({"user_id": inter["user_id"].to_numpy().astype(np.int64),
+                                 "position": position.astype(np.int64), "item_id": item.astype(np.int64),
+                                 "is_noise": is_noise})
+    noise_per_user = np.bincount(user_of, weights=is_noise, minlength=len(user_ids)) / np.maximum(lengths, 1)
+    users = pd.DataFrame({
+        "user_id": user_ids.astype(np.int64),
+        "split": pd.array(users_log["split"].tolist(), dtype="str"),
+        "preferred_style": pd.array(style_at[last_row].tolist(), dtype="str"),
+        "preferred_groups": pd.array(users_log["preferred_groups"].tolist(), dtype="str"),
+        "noise_rate": noise_per_user.astype(np.float64),
+    })
 
     # Windows: every position with a full history before it and a non-noise item on it is a target.
     target = np.flatnonzero((position >= history_len) & ~is_noise)
     history = item[target[:, None] + np.arange(-history_len, 0)]
     target_user = user_of[target]
+    split_of = users_log["split"].to_numpy()
     frame = pd.DataFrame(
         {
             "window_id": pd.array(
-                [f"u{u:05d}-p{p:03d}" for u, p in zip(target_user, position[target])], dtype="str"
+                [f"u{u:05d}-p{p:03d}" for u, p in zip(user_ids[target_user], position[target])], dtype="str"
             ),
-            "user_id": target_user.astype(np.int64),
+            "user_id": user_ids[target_user].astype(np.int64),
             "split": pd.array(split_of[target_user].tolist(), dtype="str"),
-            "preferred_style": users["preferred_style"].to_numpy()[target_user],
+            "preferred_style": style_at[target],
         }
     )
     for i in range(history_len):
         frame[f"history_{i}"] = history[:, i].astype(np.int64)
     frame["target_item"] = item[target].astype(np.int64)
 
-    # Ground-truth protocol: the target emoji in a random other style is the reference.
-    ref_scores = rng.random((len(target), n_styles))
-    ref_allowed = cat.available[emoji[target]].copy()
-    ref_allowed[np.arange(len(target)), style[target]] = False
-    ref_style = np.where(ref_allowed, ref_scores, -1.0).argmax(axis=1)
-    frame["reference_item"] = cat.item_id[emoji[target], ref_style].astype(np.int64)
-    frame["reference_style"] = pd.array([cat.styles[s] for s in ref_style], dtype="str")
+    # Ground-truth protocol: the reference drawn when the target was logged (the emoji in another style).
+    refs = log.references.set_index(["user_id", "position"])["reference_item"]
+    found = refs.reindex(pd.MultiIndex.from_arrays([frame["user_id"], position[target]]))
+    if found.isna().any():
+        row = frame.loc[found.isna().to_numpy()].iloc[0]
+        raise DataError(f"log: no reference for the target of window {row['window_id']!r} (references table)")
+    item_style = items.set_index("item_id")["style"]
+    item_emoji = items.set_index("item_id")["emoji_key"]
+    frame["reference_item"] = found.to_numpy().astype(np.int64)
+    frame["reference_style"] = pd.array(item_style.reindex(frame["reference_item"]).tolist(), dtype="str")
     frame["gt_item"] = frame["target_item"]
-    frame["target_emoji"] = pd.array([cat.emoji[e] for e in emoji[target]], dtype="str")
+    frame["target_emoji"] = pd.array(item_emoji.reindex(frame["target_item"]).tolist(), dtype="str")
     frame["paper_reference_item"] = frame["target_item"]
 
     windows = {}
@@ -201,6 +350,11 @@ def simulate_users(items: pd.DataFrame, cfg: SimulateConfig, seed: int) -> Simul
         rows = frame[frame["split"] == name].reset_index(drop=True)
         windows[name] = rows[window_columns(name, history_len)]
     return Simulation(users, interactions, windows)
+
+
+def simulate_users(items: pd.DataFrame, cfg: SimulateConfig, seed: int) -> Simulation:
+    """Seeded simulation of ``cfg.num_users`` users over the ``items`` table: day 0 of the log."""
+    return derive_simulation(items, cfg, simulate_day(items, cfg, seed))
 
 
 def write_simulation(sim: Simulation, out_dir: Path) -> None:
@@ -255,3 +409,20 @@ def _check_item_ids(frame: pd.DataFrame, path: Path, n_items: int) -> None:
             value = row[column].item() if hasattr(row[column], "item") else row[column]
             raise DataError(f"{path}: {column} = {value!r} in window {row.get('window_id')!r} is not an "
                             f"item id (items: 0..{n_items - 1})")
+
+
+# --- the interaction log's folder (written by pigeon.data.ingest, read by simulate and validation) ----
+LOG_TABLES = {"users": LOG_USER_COLUMNS, "interactions": LOG_INTERACTION_COLUMNS,
+              "references": LOG_REFERENCE_COLUMNS}
+LOG_META = "log.json"
+
+
+def log_dir(ws: Workspace) -> Path:
+    return ws.root / "data" / "log"
+
+
+def read_log(folder: Path) -> tuple[LogTables, dict]:
+    """The log's tables and its ``log.json``; a missing file or column is a one-line DataError."""
+    hint = "file missing (run `pigeon data ingest` or `pigeon stage ingest`)"
+    tables = [read_parquet_table(folder / f"{name}.parquet", columns, hint) for name, columns in LOG_TABLES.items()]
+    return LogTables(*tables), read_json(folder / LOG_META)

@@ -22,9 +22,15 @@ from pigeon.config import Params
 from pigeon.data.raw import ITEM_COLUMNS, decode_png, image_path, read_items
 from pigeon.data.users import (
     INTERACTION_COLUMNS,
+    LOG_INTERACTION_COLUMNS,
+    LOG_REFERENCE_COLUMNS,
+    LOG_USER_COLUMNS,
     SPLITS,
     USER_COLUMNS,
+    LogTables,
+    log_dir,
     read_interactions,
+    read_log,
     read_table,
     read_users,
     window_columns,
@@ -229,11 +235,12 @@ def item_expectations(gxe, items: pd.DataFrame, params: Params) -> list:
     return exps
 
 
-def user_expectations(gxe, params: Params, styles: list[str]) -> list:
+def user_expectations(gxe, params: Params, styles: list[str], n_users: int | None = None) -> list:
+    """``n_users``: the users the log holds (default: the day-0 cohort, ``simulate.num_users``)."""
     sim = params.simulate
     exps = [
         gxe.ExpectTableColumnsToMatchSet(column_set=list(USER_COLUMNS), exact_match=False),
-        gxe.ExpectTableRowCountToEqual(value=sim.num_users),
+        gxe.ExpectTableRowCountToEqual(value=sim.num_users if n_users is None else n_users),
     ]
     exps += [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in USER_COLUMNS]
     exps += [
@@ -326,13 +333,150 @@ def window_expectations(
     return exps
 
 
-def _derive_windows(frame: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame) -> pd.DataFrame:
-    """Add the looked-up columns the window expectations compare against."""
+def log_user_expectations(gxe, new_day: int) -> list:
+    exps = [
+        gxe.ExpectTableColumnsToMatchSet(column_set=list(LOG_USER_COLUMNS), exact_match=True),
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+    ]
+    exps += [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in LOG_USER_COLUMNS]
+    exps += [
+        gxe.ExpectColumnValuesToBeOfType(column="user_id", type_="int64"),
+        gxe.ExpectColumnValuesToBeOfType(column="first_day", type_="int64"),
+        gxe.ExpectColumnValuesToBeUnique(column="user_id"),  # one split per user, for good
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+        gxe.ExpectColumnValuesToBeBetween(column="first_day", min_value=0, max_value=new_day),
+    ]
+    return exps
+
+
+def log_interaction_expectations(gxe, params: Params, new_day: int, n_items: int, user_ids: list[int],
+                                 styles: list[str], derived: list[str]) -> list:
+    sim = params.simulate
+    exps = [
+        gxe.ExpectTableColumnsToMatchSet(column_set=list(LOG_INTERACTION_COLUMNS) + derived, exact_match=True),
+        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+    ]
+    exps += [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in LOG_INTERACTION_COLUMNS]
+    exps += [gxe.ExpectColumnValuesToBeOfType(column=c, type_="int64")
+             for c in ("user_id", "day", "position", "item_id")]
+    exps += [
+        gxe.ExpectColumnValuesToBeOfType(column="is_noise", type_="bool"),
+        gxe.ExpectColumnValuesToBeOfType(column="preferred_style", type_="str"),
+        # No duplicated interactions: a user's sequence has one item per position.
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "position"]),
+        # Days are contiguous: every day from 0 to the newest holds interactions, no other day does.
+        gxe.ExpectColumnDistinctValuesToEqualSet(column="day", value_set=list(range(new_day + 1))),
+        gxe.ExpectColumnValuesToBeBetween(column="position_gap", min_value=0, max_value=0),
+        gxe.ExpectColumnValuesToBeBetween(column="day_step", min_value=0),
+        gxe.ExpectColumnValuesToBeBetween(column="days_since_first", min_value=0),
+        gxe.ExpectColumnValuesToBeInSet(column="user_id", value_set=user_ids),
+        gxe.ExpectColumnValuesToBeBetween(column="item_id", min_value=0, max_value=n_items - 1),
+        gxe.ExpectColumnValuesToBeInSet(column="preferred_style", value_set=styles),
+        gxe.ExpectColumnPairValuesToBeEqual(column_A="is_noise", column_B="item_style_is_other"),
+        gxe.ExpectColumnMeanToBeBetween(
+            column="is_noise",
+            min_value=round(max(0.0, sim.noise_rate - sim.noise_tolerance), 6),
+            max_value=round(sim.noise_rate + sim.noise_tolerance, 6),
+        ),
+    ]
+    return exps
+
+
+def log_reference_expectations(gxe, n_items: int, derived: list[str]) -> list:
+    exps = [
+        gxe.ExpectTableColumnsToMatchSet(column_set=list(LOG_REFERENCE_COLUMNS) + derived, exact_match=True),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "position"]),
+        gxe.ExpectColumnValuesToBeBetween(column="reference_item", min_value=0, max_value=n_items - 1),
+        gxe.ExpectColumnPairValuesToBeEqual(column_A="reference_emoji", column_B="logged_emoji"),
+    ]
+    return exps
+
+
+def style_mix_expectations(gxe, styles: list[str]) -> list:
+    """The new day's share of each style within the range of the earlier days' shares (± tolerance)."""
+    return [
+        gxe.ExpectTableRowCountToEqual(value=len(styles)),
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(column_A="share", column_B="low", or_equal=True),
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(column_A="high", column_B="share", or_equal=True),
+    ]
+
+
+def style_mix(interactions: pd.DataFrame, items: pd.DataFrame, new_day: int, tolerance: float) -> pd.DataFrame:
+    """One row per style: its share of the items on ``new_day`` and the range of its share on the earlier
+    days, widened by ``tolerance`` (low, high)."""
+    styles = sorted(items["style"].unique().tolist())
+    item_style = _lookup(interactions["item_id"], items.set_index("item_id")["style"])
+    counts = pd.crosstab(interactions["day"], item_style).reindex(columns=styles, fill_value=0)
+    shares = counts.div(counts.sum(axis=1).replace(0, np.nan), axis=0).fillna(0.0)
+    today = shares.reindex([new_day]).fillna(0.0).iloc[0]
+    before = shares.loc[shares.index < new_day]
+    return pd.DataFrame({"style": styles, "share": today.to_numpy(),
+                         "low": (before.min() - tolerance).to_numpy(), "high": (before.max() + tolerance).to_numpy()})
+
+
+def style_mix_outliers(mix: pd.DataFrame) -> str:
+    """The styles of a :func:`style_mix` table outside their range, for a failure line."""
+    off = mix[(mix["share"] < mix["low"]) | (mix["share"] > mix["high"])]
+    return ", ".join(f"{r.style} {r.share:.3f} not in [{max(r.low, 0.0):.3f}, {min(r.high, 1.0):.3f}]"
+                     for r in off.itertuples())
+
+
+def _derive_log_interactions(frame: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame) -> pd.DataFrame:
+    """Add the looked-up columns the log expectations compare against."""
+    out = frame.copy()
+    order = out.sort_values(["user_id", "position"], kind="stable")
+    previous = order.groupby("user_id", sort=False)
+    out["position_gap"] = (order["position"] - previous["position"].shift(1, fill_value=-1) - 1).reindex(out.index)
+    out["day_step"] = (order["day"] - previous["day"].shift(1).fillna(order["day"])).reindex(out.index)
+    first_day = _lookup(out["user_id"], users.drop_duplicates("user_id").set_index("user_id")["first_day"])
+    out["days_since_first"] = out["day"] - first_day
+    item_style = _lookup(out["item_id"], items.set_index("item_id")["style"])
+    out["item_style_is_other"] = (item_style != out["preferred_style"]).to_numpy()
+    return out
+
+
+def validate_log(log: LogTables, items: pd.DataFrame, params: Params, new_day: int,
+                 runner: _GxRunner | None = None) -> list[Check]:
+    """The log suites: users, interactions (no duplicates, contiguous days, noise as declared), references
+    and, from day 1 on, the style mix of ``new_day`` against the earlier days'."""
+    import great_expectations.expectations as gxe
+
+    runner = runner or _GxRunner()
+    styles = sorted(items["style"].unique().tolist())
+    n_items = len(items)
+    checks = runner.run("log_users", log.users, log_user_expectations(gxe, new_day))
+    frame = _derive_log_interactions(log.interactions, items, log.users)
+    derived = [c for c in frame.columns if c not in log.interactions.columns]
+    checks += runner.run("log_interactions", frame, log_interaction_expectations(
+        gxe, params, new_day, n_items, log.users["user_id"].tolist(), styles, derived))
+    emoji = items.set_index("item_id")["emoji_key"]
+    logged_item = log.interactions.set_index(["user_id", "position"])["item_id"]
+    logged_item = logged_item[~logged_item.index.duplicated()]  # duplicates are the interactions suite's finding
+    refs = log.references.assign(
+        reference_emoji=_lookup(log.references["reference_item"], emoji),
+        logged_emoji=_lookup(pd.Series(logged_item.reindex(pd.MultiIndex.from_frame(
+            log.references[["user_id", "position"]])).to_numpy(), index=log.references.index), emoji))
+    checks += runner.run("log_references", refs, log_reference_expectations(
+        gxe, n_items, ["reference_emoji", "logged_emoji"]))
+    if new_day >= 1:
+        mix = style_mix(log.interactions, items, new_day, params.ingest.style_mix_tolerance)
+        checks += runner.run("log_style_mix", mix, style_mix_expectations(gxe, styles))
+    return checks
+
+
+def _derive_windows(frame: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame,
+                    style_at: pd.Series | None = None) -> pd.DataFrame:
+    """Add the looked-up columns the window expectations compare against. ``style_at``: the user's
+    preferred style at each (user_id, position) of the log (a user may drift); else the users table's."""
     out = frame.copy()
     style, emoji = items.set_index("item_id")["style"], items.set_index("item_id")["emoji_key"]
     history = [c for c in out.columns if HISTORY_COLUMN.match(c)]
     out["history_count"] = out[history].notna().sum(axis=1) if history else 0
-    if "user_id" in out:
+    if "user_id" in out and style_at is not None and "window_id" in out:
+        position = pd.to_numeric(out["window_id"].astype(str).str.extract(r"-p(\d+)$")[0], errors="coerce")
+        keys = pd.MultiIndex.from_arrays([pd.to_numeric(out["user_id"], errors="coerce"), position])
+        out["user_preferred_style"] = style_at.reindex(keys).to_numpy()
+    elif "user_id" in out:
         out["user_preferred_style"] = _lookup(out["user_id"], users.set_index("user_id")["preferred_style"])
     for column, prefix in (
         ("target_item", "target"),
@@ -353,6 +497,7 @@ def validate_data(params: Params, ws: Workspace) -> list[Check]:
 
     items = read_items(ws.raw)
     users, interactions = read_users(ws), read_interactions(ws)
+    log = read_log(log_dir(ws))[0] if (log_dir(ws) / "log.json").is_file() else None
     # Windows as stored: column problems are left to the schema expectations.
     windows = {split: read_table(ws.users / f"windows_{split}.parquet", []) for split in SPLITS}
     styles = sorted(items["style"].unique().tolist())
@@ -372,12 +517,22 @@ def validate_data(params: Params, ws: Workspace) -> list[Check]:
         .str.split("|")
         .map(lambda groups: sum(1 for g in groups if g))
     )
-    checks += runner.run("users", users_frame, user_expectations(gxe, params, styles))
+    checks += runner.run("users", users_frame, user_expectations(
+        gxe, params, styles, None if log is None else len(log.users)))
 
+    style_at = None  # a user's preferred style at each position: the log's, as it drifts
+    if log is not None:
+        checks += validate_log(log, items, params, int(log.interactions["day"].max()), runner)
+        style_at = log.interactions.drop_duplicates(["user_id", "position"]).set_index(
+            ["user_id", "position"])["preferred_style"]
     item_style = _lookup(interactions["item_id"], items.set_index("item_id")["style"])
-    user_style = _lookup(
-        interactions["user_id"], users.drop_duplicates("user_id").set_index("user_id")["preferred_style"]
-    )
+    if style_at is None:
+        user_style = _lookup(
+            interactions["user_id"], users.drop_duplicates("user_id").set_index("user_id")["preferred_style"]
+        )
+    else:
+        user_style = pd.Series(style_at.reindex(pd.MultiIndex.from_frame(
+            interactions[["user_id", "position"]])).to_numpy(), index=interactions.index)
     interactions_frame = interactions.assign(item_style_is_other=(item_style != user_style).to_numpy())
     checks += runner.run(
         "interactions",
@@ -388,7 +543,7 @@ def validate_data(params: Params, ws: Workspace) -> list[Check]:
     unique_users = users.drop_duplicates("user_id")
     for split in SPLITS:
         split_users = unique_users.loc[unique_users["split"] == split, "user_id"].tolist()
-        frame = _derive_windows(windows[split], items, unique_users)
+        frame = _derive_windows(windows[split], items, unique_users, style_at)
         derived = [c for c in frame.columns if c not in windows[split].columns]
         checks += runner.run(
             f"windows_{split}",

@@ -1,7 +1,8 @@
 """Stage ``register``: log the DPO model as an MLflow pyfunc, register it, gate the champion alias.
 
 Reads ``models/dpo`` (+ ``models/foundation`` for the tiny backbone) and ``reports/metrics.json``;
-creates a version of ``register.model_name`` aliased ``candidate``; moves ``champion`` only when no
+creates a version of ``register.model_name`` aliased ``candidate``, tagged with its data version
+(``pigeon.data.log_md5``, ``pigeon.data.day``, ``pigeon.data.raw_md5``); moves ``champion`` only when no
 rule of the gate fails (:func:`pigeon.registry.decide`; the first version is not crowned for being
 first); writes ``reports/registry.json``: ``decision``, the deciding ``rule`` and every rule's
 ``checks`` (passed true/false, or null where it does not apply, with the figures compared).
@@ -121,7 +122,7 @@ def log_and_register(params: Params, ws: Workspace, tracking_uri: str, run_id: s
 
 def run(params: Params, ws: Workspace) -> dict:
     from pigeon import registry
-    from pigeon.tracking import connect, current_stage_run
+    from pigeon.tracking import connect, current_stage_run, data_version_tags
 
     cfg = params.register
     metrics_path = ws.reports / "metrics.json"
@@ -129,9 +130,11 @@ def run(params: Params, ws: Workspace) -> dict:
     scores = registry.candidate_scores(metrics, cfg, metrics_path)
     baselines = registry.baseline_scores(metrics, cfg, metrics_path)
     chance = registry.chance_levels(metrics, cfg, metrics_path)
+    data = data_version_tags(ws)  # which data trained it: the version carries it as tags
     report = {"model_name": cfg.model_name, "protocol": cfg.protocol,
               "candidate": {cfg.personalization_metric: scores.personalization,
-                            cfg.semantic_metric: scores.semantic}}
+                            cfg.semantic_metric: scores.semantic},
+              "data": {key.removeprefix("pigeon.data."): value for key, value in data.items()}}
     if not params.tracking.enabled:
         report.update(version=None, decision="skipped", promoted=False,
                       why="tracking.enabled is false: nothing registered")
@@ -142,7 +145,7 @@ def run(params: Params, ws: Workspace) -> dict:
     stage_run = current_stage_run()
     run_id = stage_run.run_id if stage_run is not None else None
     client = tracker.client
-    version = log_and_register(params, ws, tracker.uri, run_id, registry.score_tags(cfg, scores))
+    version = log_and_register(params, ws, tracker.uri, run_id, {**registry.score_tags(cfg, scores), **data})
     client.set_registered_model_alias(cfg.model_name, registry.CANDIDATE, version.version)
 
     champion = registry.get_version(client, cfg.model_name, registry.CHAMPION)

@@ -177,7 +177,7 @@ def test_deleting_an_output_reruns_its_stage(first_run):
     states = _stage_states(tasks)
     assert states["validate"] == "Completed" and states["evaluators"] == "Completed", states
     assert validation.is_file() and (root / "models" / "evaluators").is_dir()
-    assert all(states[s] == "Cached" for s in ("simulate", "foundation")), states
+    assert all(states[s] == "Cached" for s in ("ingest", "simulate", "foundation")), states
     # stage1 reads validation.json: it re-runs exactly when the re-made file differs.
     assert states["stage1"] == ("Cached" if tree_hash(validation) == before else "Completed"), states
 
@@ -189,16 +189,16 @@ def test_failed_stage_fails_the_flow_in_one_line_without_retrying(prefect_api, t
 
     from flows.retrain import retrain
 
-    (tmp_path / "data" / "raw").mkdir(parents=True)  # an empty dataset: simulate rejects it
+    (tmp_path / "data" / "raw").mkdir(parents=True)  # an empty dataset: ingest, the first stage, rejects it
     state = retrain(params_path=str(REPO / "params.yaml"), profile="smoke",
                     overrides=_overrides(tmp_path, "tracking.enabled=false"), workspace=str(tmp_path),
                     until="validate", return_state=True)
     assert state.is_failed()
-    assert "stage 'simulate' failed:" in state.message and "\n" not in state.message, state.message
+    assert "stage 'ingest' failed:" in state.message and "\n" not in state.message, state.message
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
             any_=[state.state_details.flow_run_id])))
-    assert [(run.name, run.run_count) for run in runs] == [("simulate", 1)]  # a PigeonError is not retried
+    assert [(run.name, run.run_count) for run in runs] == [("ingest", 1)]  # a PigeonError is not retried
 
 
 @pytest.mark.slow

@@ -106,10 +106,11 @@ def test_tracking_logs_the_params_keys_the_stage_lists():
     from pigeon.tracking import stage_outputs, stage_params
 
     params = load_params(REPO / "params.yaml", profile="smoke")
-    logged = stage_params("validate", params)  # [profile, data, simulate, model.history_len]
+    logged = stage_params("validate", params)  # [profile, data, simulate, ingest.style_mix_tolerance, model.history_len]
     assert logged["profile"] == "smoke" and logged["model.history_len"] == str(params.model.history_len)
-    assert {k.split(".")[0] for k in logged} == {"profile", "data", "simulate", "model"}
+    assert {k.split(".")[0] for k in logged} == {"profile", "data", "simulate", "ingest", "model"}
     assert not any(k.startswith("model.") and k != "model.history_len" for k in logged)
+    assert [k for k in logged if k.startswith("ingest.")] == ["ingest.style_mix_tolerance"]
     for spec in PIPELINE:
         assert {k.split(".")[0] for k in stage_params(spec.name, params)} == {k.split(".")[0] for k in spec.params}
         assert stage_outputs(spec.name) == (*spec.outs, *spec.metrics)
