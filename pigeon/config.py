@@ -80,7 +80,7 @@ class SimulateConfig(Section):
     noise_tolerance: float = Field(0.05, gt=0.0, le=0.5, description="Validation tolerance on noise rate.")
 
     @model_validator(mode="after")
-    def _check(self) -> "SimulateConfig":
+    def _check(self) -> SimulateConfig:
         if self.max_interactions < self.min_interactions:
             raise ValueError("max_interactions must be >= min_interactions")
         if self.max_groups < self.min_groups:
@@ -113,7 +113,7 @@ class IngestConfig(Section):
                                        "shares widened by this much.")
 
     @model_validator(mode="after")
-    def _check(self) -> "IngestConfig":
+    def _check(self) -> IngestConfig:
         if self.max_session < self.min_session:
             raise ValueError("max_session must be >= min_session")
         if self.drift_style is not None and self.drift_style not in STYLES:
@@ -137,7 +137,7 @@ class LMConfig(Section):
     max_caption_tokens: int = Field(12, ge=2, description="Caption tokens in the prompt (left-padded).")
 
     @model_validator(mode="after")
-    def _heads(self) -> "LMConfig":
+    def _heads(self) -> LMConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError("hidden_size must be divisible by num_heads")
         return self
@@ -161,7 +161,7 @@ class BackboneConfig(Section):
     trust_remote_code: bool = Field(False, description="Only for a local backbone path you trust.")
 
     @model_validator(mode="after")
-    def _janus(self) -> "BackboneConfig":
+    def _janus(self) -> BackboneConfig:
         if self.kind == "janus" and not self.janus_path:
             raise ValueError("backbone.janus_path is required when backbone.kind is 'janus'")
         return self
@@ -255,7 +255,7 @@ class RankConfig(Section):
     min_margin: float = Field(0.01, ge=0.0, description="Drop windows whose chosen-rejected margin is lower.")
 
     @model_validator(mode="after")
-    def _weights(self) -> "RankConfig":
+    def _weights(self) -> RankConfig:
         if self.w_history + self.w_reference <= 0:
             raise ValueError("w_history + w_reference must be positive")
         return self
@@ -279,6 +279,10 @@ class EvaluatorsConfig(Section):
     feature_dim: int = Field(128, ge=8)
     content_views: bool = Field(True, description="Train the content head also on style-destroyed views "
                                 "(grayscale, line art, channel swaps) so it names emoji in an unseen style.")
+    reconstruction_share: float = Field(0.5, ge=0.0, le=1.0, description="Share of each batch drawn from the "
+                                        "foundation tokenizer's reconstructions of the real images (0 = real only).")
+    degrade: bool = Field(True, description="Also blur or palette-quantise a share of the training images, as "
+                          "generated images are.")
     clip_path: str | None = Field(None, description="Local CLIP folder for the paper's CLIP metrics.")
     dino_path: str | None = Field(None, description="Local DINO folder for the paper's DINO metrics.")
     holdout_emoji_fraction: float = Field(0.15, gt=0.0, lt=1.0,
@@ -373,7 +377,7 @@ class Params(Section):
     orchestration: OrchestrationConfig = OrchestrationConfig()
 
     @model_validator(mode="after")
-    def _cross(self) -> "Params":
+    def _cross(self) -> Params:
         if self.backbone.image_size not in self.data.sizes:
             raise ValueError(f"backbone.image_size {self.backbone.image_size} is not in data.sizes")
         if self.simulate.window != self.model.history_len + 1:

@@ -11,7 +11,7 @@ class Workspace:
     root: Path
 
     @classmethod
-    def at(cls, root: str | Path = ".") -> "Workspace":
+    def at(cls, root: str | Path = ".") -> Workspace:
         return cls(Path(root).resolve())
 
     @property

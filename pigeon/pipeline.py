@@ -73,11 +73,13 @@ PIPELINE: tuple[Stage, ...] = (
     ),
     Stage(
         "evaluators",
-        params=("profile", "seed", "backbone.image_size", "evaluators"),
-        deps=("data/raw/items.parquet", "data/raw/manifest.json", "profiles/${profile}.yaml",
-              "pigeon/evaluation/evaluators.py", "pigeon/stages/evaluators.py"),
+        params=("profile", "seed", "backbone", "evaluators"),
+        deps=("data/raw/items.parquet", "data/raw/manifest.json", "models/foundation", "profiles/${profile}.yaml",
+              "pigeon/models", "pigeon/artifacts.py", "pigeon/evaluation/evaluators.py",
+              "pigeon/stages/evaluators.py"),
         outs=("models/evaluators",),
         metrics=("reports/evaluators.json",),
+        backbone=True,
     ),
     Stage(
         "stage1",

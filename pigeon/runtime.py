@@ -55,7 +55,7 @@ def setup_torch(threads: int = 0) -> None:
     torch.set_num_threads(threads or auto)
 
 
-def resolve_device(name: str = "auto") -> "torch.device":
+def resolve_device(name: str = "auto") -> torch.device:
     import torch
 
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
@@ -67,7 +67,7 @@ def resolve_device(name: str = "auto") -> "torch.device":
     return torch.device("cpu")
 
 
-def autocast(device: "torch.device"):
+def autocast(device: torch.device):
     """bf16 autocast on CUDA and on CPUs with native bf16; otherwise a no-op. ``PIGEON_AUTOCAST=off``
     runs everything in fp32 (to compare numerics across CPUs, or to rule bf16 out when debugging)."""
     import torch

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from pigeon.errors import PigeonError
+from pigeon.pixels import to_pixels, to_uint8
 
 REQUIRED_FIELDS = ("history", "reference", "caption")
 OPTIONAL_FIELDS = ("alpha_ref", "seed")
@@ -275,7 +276,7 @@ class PigeonGenerator:
         backbone = self.model.backbone
         # the reference enters as its style-stripped view, as in training and evaluation
         images = np.concatenate([request.history, reference_view(request.reference[None])])
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(self.device)
+        pixels = to_pixels(images, self.device)
         with torch.no_grad():
             codes = backbone.encode_images(pixels).long()
             caption_ids, caption_mask = backbone.tokenize_captions(
@@ -292,7 +293,7 @@ class PigeonGenerator:
                 out = self.model.generate(batch, alpha_ref=alpha_ref, num_samples=1,
                                           sampling=self.params.evaluate.sampling, seed=request.seed)
             image = self.model.decode(out.codes[:1]).float()[0]
-        return ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        return to_uint8(image[None])[0]
 
 
 # --- MLflow pyfunc ----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from pigeon.config import EvaluatorsConfig
 from pigeon.errors import CheckpointError, ConfigError
 from pigeon.io import load_tensors, read_json, save_tensors, write_json
+from pigeon.pixels import to_pixels
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -59,11 +60,8 @@ class EvaluatorNet(nn.Module):
 
 
 def to_model_input(images_uint8: np.ndarray | torch.Tensor, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[N, H, W, 3] uint8 → [N, 3, size, size] float in [-1, 1] (area-resized if needed)."""
-    x = torch.from_numpy(np.array(images_uint8, dtype=np.uint8)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x
+    """[N, H, W, 3] uint8 → [N, 3, size, size] float in [-1, 1] (resized if needed)."""
+    return to_pixels(images_uint8, device, size)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, max_shift: int = 3, brightness: float = 0.03) -> torch.Tensor:
@@ -83,6 +81,26 @@ def augment(images: torch.Tensor, generator: torch.Generator, max_shift: int = 3
     moved = padded[torch.arange(n, device=device)[:, None, None, None], channels, rows, cols]
     offset = (torch.rand(n, 1, 1, 1, generator=generator, device=device) * 2 - 1) * brightness * 2
     return (moved + offset).clamp(-1.0, 1.0)
+
+
+def degrade(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """What generated images look like besides the tokenizer's own artifacts: a third of the images get a
+    slight blur (σ ∈ [0.3, 0.9] px), another third a palette quantised to 8–16 levels per channel."""
+    n = images.shape[0]
+    u = torch.rand(n, 2, generator=generator).to(images.device)
+    kind = (u[:, 0] * 3).long()
+    taps = torch.arange(-2, 3, dtype=images.dtype, device=images.device)
+    sigma = 0.3 + 0.6 * u[:, 1]
+    kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma[:, None] ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(images.shape[1], 0)  # [N*C, 5]
+    c, h, w = images.shape[1:]
+    flat = F.pad(images, (2, 2, 2, 2), mode="replicate").reshape(1, n * c, h + 4, w + 4)
+    blurred = F.conv2d(F.conv2d(flat, kernel.reshape(n * c, 1, 1, 5), groups=n * c),
+                       kernel.reshape(n * c, 1, 5, 1), groups=n * c).reshape_as(images)
+    levels = (8 + (u[:, 1] * 9).floor())[:, None, None, None] - 1
+    quantised = ((images + 1) / 2 * levels).round() / levels * 2 - 1
+    kind = kind[:, None, None, None]
+    return torch.where(kind == 0, blurred, torch.where(kind == 1, quantised, images))
 
 
 def content_view(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -174,20 +192,36 @@ def _accuracies(evaluator: Evaluator, images: np.ndarray, items: pd.DataFrame, m
             "n": int(mask.sum())}
 
 
-def _held_out_report(evaluator: Evaluator, images: np.ndarray, items: pd.DataFrame, split: HoldoutSplit) -> dict:
+def _held_out_report(evaluator: Evaluator, images: np.ndarray, items: pd.DataFrame, split: HoldoutSplit,
+                     reconstructions: np.ndarray | None = None) -> dict:
     held_style = _accuracies(evaluator, images, items, ~split.style_train)
     held_content = _accuracies(evaluator, images, items, ~split.content_train)
     train = _accuracies(evaluator, images, items, split.style_train & split.content_train)
-    return {"style_accuracy": held_style["style"],  # on held-out emoji
-            "content_accuracy": held_content["content"],  # on the held-out style
-            "content_top5_accuracy": held_content["content_top5"],
-            "train_style_accuracy": train["style"], "train_content_accuracy": train["content"],
-            "holdout_emoji_images": held_style["n"], "holdout_style_images": held_content["n"]}
+    report = {"style_accuracy": held_style["style"],  # on held-out emoji
+              "content_accuracy": held_content["content"],  # on the held-out style
+              "content_top5_accuracy": held_content["content_top5"],
+              "train_style_accuracy": train["style"], "train_content_accuracy": train["content"],
+              "holdout_emoji_images": held_style["n"], "holdout_style_images": held_content["n"]}
+    if reconstructions is not None:  # the same held-out images through the foundation tokenizer
+        recon_style = _accuracies(evaluator, reconstructions, items, ~split.style_train)
+        recon_content = _accuracies(evaluator, reconstructions, items, ~split.content_train)
+        report.update({"style_accuracy_reconstructed": recon_style["style"],
+                       "content_accuracy_reconstructed": recon_content["content"],
+                       "content_top5_accuracy_reconstructed": recon_content["content_top5"]})
+    return report
 
 
 def train_evaluator(images: np.ndarray, items: pd.DataFrame, cfg: EvaluatorsConfig, seed: int,
-                    device: torch.device, autocast=None, progress: bool = True) -> tuple[Evaluator, dict]:
+                    device: torch.device, autocast=None, progress: bool = True,
+                    reconstructions: np.ndarray | None = None) -> tuple[Evaluator, dict]:
     """Train on real images [N, S, S, 3] uint8 (rows = items); → (evaluator, report).
+
+    ``reconstructions`` (optional, same shape): the same real images passed through the foundation
+    tokenizer (encode → decode). A ``cfg.reconstruction_share`` of each batch is drawn from them, so the
+    evaluator judges images with the tokenizer's artifacts as it judges real ones (a generator can never
+    do better than its tokenizer; an evaluator that reads every reconstruction as a different vendor
+    would hide that). They are real images, never a generated output of a model under test. Held-out
+    accuracies are measured on the real images and, reported beside them, on their reconstructions.
 
     Held-out labels are masked for the first ``cfg.release_holdout_at`` of the steps; the held-out
     accuracies are measured then, and the held-out labels join training for the remaining steps,
@@ -203,6 +237,7 @@ def train_evaluator(images: np.ndarray, items: pd.DataFrame, cfg: EvaluatorsConf
     evaluator = Evaluator(net, styles, emoji_keys, images.shape[1], device)
 
     all_x = to_model_input(images, images.shape[1], device)
+    recon_x = None if reconstructions is None else to_model_input(reconstructions, images.shape[1], device)
     style_y = torch.tensor(evaluator.style_index(items["style"]), device=device)
     content_y = torch.tensor(evaluator.content_index(items["emoji_key"]), device=device)
     style_ok = torch.tensor(split.style_train, device=device)
@@ -221,7 +256,7 @@ def train_evaluator(images: np.ndarray, items: pd.DataFrame, cfg: EvaluatorsConf
     net.train()
     for step in tqdm(range(cfg.steps), desc="evaluators", disable=not progress, leave=False):
         if step == release_step:
-            held_out = _held_out_report(evaluator, images, items, split)
+            held_out = _held_out_report(evaluator, images, items, split, reconstructions)
             net.train()
             style_ok[:], content_ok[:] = True, True
             usable, cursor = np.arange(len(items)), len(order)  # reshuffle over every image
@@ -229,7 +264,13 @@ def train_evaluator(images: np.ndarray, items: pd.DataFrame, cfg: EvaluatorsConf
             order, cursor = order_rng.permutation(usable), 0
         index = torch.as_tensor(order[cursor : cursor + cfg.batch_size], device=device)
         cursor += cfg.batch_size
-        x = augment(all_x[index], generator)
+        x = all_x[index]
+        if recon_x is not None and cfg.reconstruction_share > 0:
+            use = torch.rand(len(index), generator=generator, device=device) < cfg.reconstruction_share
+            x = torch.where(use[:, None, None, None], recon_x[index], x)
+        if cfg.degrade:
+            x = degrade(x, torch.Generator().manual_seed(seed * 100_019 + step))
+        x = augment(x, generator)
         s_mask, c_mask = style_ok[index], content_ok[index]
         if cfg.content_views:  # a second, style-destroyed copy of the batch: content labels only
             cpu_generator = torch.Generator().manual_seed(seed * 100_003 + step)
@@ -252,7 +293,7 @@ def train_evaluator(images: np.ndarray, items: pd.DataFrame, cfg: EvaluatorsConf
             curve.append({"step": step, "loss": loss.item(), "loss_style": loss_style.item(),
                           "loss_content": loss_content.item()})
     if held_out is None:  # release_holdout_at = 1: measured on the final model
-        held_out = _held_out_report(evaluator, images, items, split)
+        held_out = _held_out_report(evaluator, images, items, split, reconstructions)
     final = _accuracies(evaluator, images, items, np.ones(len(items), dtype=bool))
     report = {
         **held_out,

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pigeon.config import EvaluateConfig
 from pigeon.data.users import history_columns
 from pigeon.evaluation.reward import RewardEncoder, candidate_rewards
 from pigeon.models.batching import WindowEncoder
+from pigeon.pixels import to_uint8
 from pigeon.runtime import autocast
 
 GENERATIVE = ("pigeon", "pigeon_select", "stage1", "foundation", "no_history_mask",
@@ -45,14 +45,6 @@ class MethodImages:
     images: np.ndarray
     alpha_ref: np.ndarray
     sweep: dict = field(default_factory=dict)  # pigeon_select only: all candidates and their rewards
-
-
-def to_uint8(pixels: torch.Tensor, size: int) -> np.ndarray:
-    """[N, 3, S', S'] in [-1, 1] → [N, size, size, 3] uint8 (area-resized when S' differs)."""
-    pixels = pixels.float()
-    if pixels.shape[-1] != size:
-        pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def keep_all_history(model, batch, alpha_ref):

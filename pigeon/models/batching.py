@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pigeon.config import ModelConfig
@@ -16,6 +15,7 @@ from pigeon.errors import DataError
 from pigeon.models.backbone import Backbone
 from pigeon.models.personalization import build_prompt, reference_view
 from pigeon.models.types import WindowBatch
+from pigeon.pixels import to_pixels
 from pigeon.seeds import step_generator
 
 
@@ -25,11 +25,7 @@ def _device(module: torch.nn.Module) -> torch.device:
 
 def images_to_tensor(images_uint8: np.ndarray, size: int, device) -> torch.Tensor:
     """[N, S, S, 3] uint8 → [N, 3, size, size] float in [-1, 1] (resized when S differs)."""
-    images = torch.as_tensor(np.ascontiguousarray(images_uint8), device=device).permute(0, 3, 1, 2).float()
-    images = images / 127.5 - 1.0
-    if images.shape[-1] != size:
-        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return images.clamp(-1.0, 1.0)
+    return to_pixels(images_uint8, device, size).clamp(-1.0, 1.0)
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from pigeon.config import Params, section_dict
 from pigeon.data.raw import load_images, read_items
 from pigeon.io import atomic_dir, atomic_write_bytes, atomic_write_text, write_json
 from pigeon.paths import Workspace
+from pigeon.pixels import to_uint8
 from pigeon.runtime import autocast, resolve_device
 from pigeon.training.foundation import (
     FoundationData,
@@ -171,7 +172,7 @@ def pick_captions(data: FoundationData, seed: int) -> list[str]:
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return to_uint8(images)
 
 
 def _png(fig) -> bytes:

@@ -30,6 +30,7 @@ from pigeon.config import CandidatesConfig
 from pigeon.data.raw import png_bytes
 from pigeon.errors import DataError, PigeonError
 from pigeon.io import atomic_dir, file_md5, read_json, save_tensors, write_json
+from pigeon.pixels import to_uint8
 from pigeon.runtime import autocast
 
 PLAN_SEED_OFFSET = 2  # window subsets come from (seed, 2, split): independent of training's orders
@@ -119,8 +120,7 @@ def decode_strips(model, codes: torch.Tensor, per_window: int, batch_size: int, 
     """Decoded candidates as one uint8 strip per window: [W, S, S·per_window, 3]."""
     images = []
     for start in range(0, len(codes), batch_size):
-        decoded = model.decode(codes[start : start + batch_size].to(device)).float().clamp(-1, 1)
-        images.append(((decoded + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+        images.append(to_uint8(model.decode(codes[start : start + batch_size].to(device))))
     images = np.concatenate(images)
     n, s = images.shape[0] // per_window, images.shape[1]
     return images.reshape(n, per_window, s, s, 3).transpose(0, 2, 1, 3, 4).reshape(n, s, per_window * s, 3)

@@ -35,6 +35,7 @@ from pigeon.models.batching import reference_codes
 from pigeon.models.pigeon import context_embeds, history_style, query_embeds
 from pigeon.models.tiny import TinyBackbone
 from pigeon.models.vq import decode_latents, init_codebook_from_data, quantize, reseed_dead_codes
+from pigeon.pixels import to_pixels
 from pigeon.runtime import autocast
 from pigeon.training.checkpoint import (
     epoch_batch,
@@ -65,9 +66,7 @@ def split_holdout(items: pd.DataFrame, fraction: float, seed: int) -> tuple[np.n
 
 def to_model_images(images_uint8: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """[N, S, S, 3] uint8 → [N, 3, S, S] float in [-1, 1] on device."""
-    x = torch.as_tensor(images_uint8).to(device)
-    # contiguous NCHW: a channels-last batch made the VQ step ~1.5× slower on CPU.
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+    return to_pixels(images_uint8, device)
 
 
 def edge_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -212,7 +212,7 @@ def test_backbone_stages_follow_the_janus_checkpoint(janus_dir, tmp_path):
     write(None, str(other))  # the janus profile does: every stage that reads the profile file changes
     readers = {spec.name for spec in PIPELINE if "profiles/${profile}.yaml" in spec.deps}
     assert set(json.loads(dvc("status", "--json"))) == readers and readers >= set(BACKBONE_STAGES)
-    assert set(BACKBONE_STAGES) == {"foundation", "stage1", "candidates", "rank", "dpo", "evaluate", "register"}
+    assert set(BACKBONE_STAGES) == {"foundation", "evaluators", "stage1", "candidates", "rank", "dpo", "evaluate", "register"}
 
     specs, ws = load_stage_specs(REPO / "dvc.yaml", "janus"), Workspace.at(tmp_path / "ws")
     before = {name: stage_fingerprint(specs[name], janus_params(other), ws, REPO) for name in specs}

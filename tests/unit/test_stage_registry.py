@@ -79,7 +79,7 @@ def test_params_keys_exist():
 def test_flags():
     from pigeon.stages import BACKBONE_STAGES, DATA_PARALLEL_STAGES, GPU_STAGES, SHARDED_STAGES
 
-    assert BACKBONE_STAGES == ("foundation", "stage1", "candidates", "rank", "dpo", "evaluate", "register")
+    assert BACKBONE_STAGES == ("foundation", "evaluators", "stage1", "candidates", "rank", "dpo", "evaluate", "register")
     assert SHARDED_STAGES == ("candidates", "evaluate")
     assert DATA_PARALLEL_STAGES == ("stage1", "dpo")
     assert GPU_STAGES == ("foundation", "stage1", "candidates", "dpo", "evaluate")
