@@ -102,11 +102,20 @@ def check_inputs(root: Path, rates: list[float], profile: str | None, overrides:
 
 # --- DVC --------------------------------------------------------------------------------------------
 
+def _stderr():
+    """Where DVC's progress goes when it is not captured: this process's stderr (stdout carries the table)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stderr without a file descriptor
+        return None
+
+
 def dvc(root: Path, *args: str, capture: bool = True) -> str:
-    """Run ``dvc ARGS`` in ``root``; a failure raises with DVC's own last error line."""
+    """Run ``dvc ARGS`` in ``root``; a failure raises with DVC's own last error line. Uncaptured, DVC
+    writes its progress to stderr."""
     exe = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
     done = subprocess.run([exe, *args], cwd=root, text=True, check=False,
-                          stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE if capture else None)
+                          stdout=subprocess.PIPE if capture else _stderr(), stderr=subprocess.PIPE if capture else None)
     if done.returncode != 0:
         lines = [line.strip() for line in (done.stderr or "").splitlines() if line.strip()]
         reason = next((line for line in lines if line.startswith("ERROR")), lines[-1] if lines else "no message")
@@ -221,7 +230,7 @@ def collect(root: Path, rates: list[float] | None = None) -> pd.DataFrame:
                 row |= {metric: results[method][metric], f"{metric}_low": low, f"{metric}_high": high}
             rows.append(row)
     if wanted is not None and (missing := wanted - {row["experiment"] for row in rows}):
-        raise PigeonError(f"no finished experiment {sorted(missing)[0]} at this commit (`dvc exp show`)")
+        raise PigeonError(f"no finished experiment {min(missing)} at this commit (`dvc exp show`)")
     if not rows:
         raise PigeonError(f"no finished {NAME_PREFIX}* experiments at this commit (`dvc exp show`); "
                           "run `pigeon noise-study` first")
@@ -257,8 +266,8 @@ def markdown(frame: pd.DataFrame) -> str:
         lines.append(f"| {float(row['noise_rate'])!r} | {row['realised_noise_rate']:.3f} | {row['experiment']} | "
                      f"{row['method']} | {_cell(row, 'style_accuracy')} | {_cell(row, 'content_accuracy')} |")
     wide = by_method(frame)
-    lines += ["", "The mask generator's share: `pigeon` minus each ablation at each rate (positive: the trained "
-              "mask generator helps).", "",
+    lines += ["", ("The mask generator's share: `pigeon` minus each ablation at each rate (positive: the trained "
+                   "mask generator helps)."), "",
               "| noise rate | " + " | ".join(f"{metric.split('_')[0]}: − {method}" for metric in METRICS
                                           for method in METHODS[1:]) + " |",
               "|---" * (1 + len(METRICS) * (len(METHODS) - 1)) + "|"]
