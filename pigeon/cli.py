@@ -114,6 +114,23 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_noise_study(args: argparse.Namespace) -> int:
+    from pigeon.errors import ConfigError
+    from pigeon.noise_study import DEFAULT_RATES, check_inputs, collect, markdown, run_study, write_study
+
+    root = Path(args.workspace).resolve()
+    if not args.collect_only:
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs: must be at least 1 (got {args.jobs})")
+        rates = list(args.rates or DEFAULT_RATES)
+        run_study(root, rates, check_inputs(root, rates, args.profile, args.set or []), args.jobs, args.replace)
+    frame = collect(root, args.rates or (None if args.collect_only else DEFAULT_RATES))
+    paths = write_study(frame, root / "reports")
+    sys.stdout.write(markdown(frame))
+    print("\nwritten: " + ", ".join(str(path.relative_to(root)) for path in paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pigeon", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha-ref", type=float, default=None, help="reference mask ratio in [0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("noise-study", help="accuracy against simulate.noise_rate: one DVC experiment per rate")
+    p.add_argument("--rates", nargs="+", type=float, default=None, metavar="R",
+                   help="noise rates, one experiment `noise-R` each (default: 0.0 0.2 0.4; with --collect-only: "
+                        "every finished noise-* experiment)")
+    p.add_argument("--profile", default=None, help="passed to every experiment as `-S profile=NAME`")
+    p.add_argument("--set", "-s", action="append", metavar="KEY=VALUE",
+                   help="passed to every experiment as `-S KEY=VALUE`, e.g. threads=1")
+    p.add_argument("--workspace", default=".", help="the DVC project (default: current folder)")
+    p.add_argument("--jobs", type=int, default=1, help="experiments run at once (`dvc exp run --run-all --jobs`)")
+    p.add_argument("--replace", action="store_true",
+                   help="remove this commit's experiments of the same names first, then run them again")
+    p.add_argument("--collect-only", action="store_true",
+                   help="run nothing: read the finished experiments with `dvc exp show` and write the reports")
+    p.set_defaults(func=cmd_noise_study)
 
     p = sub.add_parser("promote", help="make a registered model version the champion")
     _add_params_args(p)
