@@ -279,6 +279,8 @@ class EvaluatorsConfig(Section):
     feature_dim: int = Field(128, ge=8)
     content_views: bool = Field(True, description="Train the content head also on style-destroyed views "
                                 "(grayscale, line art, channel swaps) so it names emoji in an unseen style.")
+    pooled_style: bool = Field(True, description="The style head reads the last feature map's per-channel mean "
+                               "and std (layout-free) instead of the flattened features.")
     reconstruction_share: float = Field(0.5, ge=0.0, le=1.0, description="Share of each batch drawn from the "
                                         "foundation tokenizer's reconstructions of the real images (0 = real only).")
     degrade: bool = Field(True, description="Also blur or palette-quantise a share of the training images, as "
