@@ -271,6 +271,14 @@ def interaction_expectations(gxe, params: Params, n_items: int, user_ids: list[i
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "position"]),
         gxe.ExpectColumnValuesToBeInSet(column="user_id", value_set=user_ids),
         gxe.ExpectColumnValuesToBeBetween(column="item_id", min_value=0, max_value=n_items - 1),
+        *noise_expectations(gxe, sim),
+    ]
+    return exps
+
+
+def noise_expectations(gxe, sim) -> list:
+    """Noise flags true to the item's style, and the noise share within the simulator's tolerance."""
+    return [
         gxe.ExpectColumnPairValuesToBeEqual(column_A="is_noise", column_B="item_style_is_other"),
         gxe.ExpectColumnMeanToBeBetween(
             column="is_noise",
@@ -278,7 +286,6 @@ def interaction_expectations(gxe, params: Params, n_items: int, user_ids: list[i
             max_value=round(sim.noise_rate + sim.noise_tolerance, 6),
         ),
     ]
-    return exps
 
 
 def window_expectations(
@@ -372,12 +379,7 @@ def log_interaction_expectations(gxe, params: Params, new_day: int, n_items: int
         gxe.ExpectColumnValuesToBeInSet(column="user_id", value_set=user_ids),
         gxe.ExpectColumnValuesToBeBetween(column="item_id", min_value=0, max_value=n_items - 1),
         gxe.ExpectColumnValuesToBeInSet(column="preferred_style", value_set=styles),
-        gxe.ExpectColumnPairValuesToBeEqual(column_A="is_noise", column_B="item_style_is_other"),
-        gxe.ExpectColumnMeanToBeBetween(
-            column="is_noise",
-            min_value=round(max(0.0, sim.noise_rate - sim.noise_tolerance), 6),
-            max_value=round(sim.noise_rate + sim.noise_tolerance, 6),
-        ),
+        *noise_expectations(gxe, sim),
     ]
     return exps
 
