@@ -24,9 +24,8 @@ from pigeon.errors import PigeonError
 from pigeon.io import tree_hash, write_json
 from pigeon.paths import Workspace
 from pigeon.runtime import resolve_device
-from pigeon.shards import drop_shards_beyond
+from pigeon.shards import ShardPlan, drop_shards_beyond
 from pigeon.training.candidates import (
-    CandidatePlan,
     decode_strips,
     generate_candidates,
     plan_candidates,
@@ -40,7 +39,7 @@ from pigeon.training.candidates import (
 class CandidateRun:
     """What every shard of one run shares: the plan, its fingerprint, and the model once loaded."""
 
-    plan: CandidatePlan
+    plan: ShardPlan  # the selected windows (train subset, then val; column "split")
     fingerprint: str
     device: torch.device
     model: Any = None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,30 +27,21 @@ import torch
 
 from pigeon.config import CandidatesConfig
 from pigeon.data.raw import png_bytes
-from pigeon.errors import DataError, PigeonError
-from pigeon.io import atomic_dir, file_md5, read_json, save_tensors, write_json
+from pigeon.errors import DataError
+from pigeon.io import atomic_dir
 from pigeon.pixels import to_uint8
 from pigeon.runtime import autocast
+from pigeon.shards import (
+    ShardPlan,
+    read_tensor_shard,
+    shard_name,
+    tensor_shard_complete,
+    tensor_shard_files,
+    write_tensor_shard,
+)
 
 PLAN_SEED_OFFSET = 2  # window subsets come from (seed, 2, split): independent of training's orders
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-@dataclass
-class CandidatePlan:
-    """The selected windows (train subset, then val subset) and how they are sharded."""
-
-    windows: pd.DataFrame  # column "split" says which split each row came from
-    shard_size: int
-
-    @property
-    def num_shards(self) -> int:
-        return -(-len(self.windows) // self.shard_size)
-
-    def shard(self, index: int) -> pd.DataFrame:
-        if not 0 <= index < self.num_shards:
-            raise DataError(f"shard {index}: the plan has shards 0..{self.num_shards - 1}")
-        return self.windows.iloc[index * self.shard_size : (index + 1) * self.shard_size]
 
 
 def seeded_subset(windows: pd.DataFrame, size: int, seed: int, split: str) -> pd.DataFrame:
@@ -61,7 +51,7 @@ def seeded_subset(windows: pd.DataFrame, size: int, seed: int, split: str) -> pd
     return windows.iloc[rows].assign(split=split)
 
 
-def plan_candidates(train: pd.DataFrame, val: pd.DataFrame, cfg: CandidatesConfig, seed: int) -> CandidatePlan:
+def plan_candidates(train: pd.DataFrame, val: pd.DataFrame, cfg: CandidatesConfig, seed: int) -> ShardPlan:
     if len(train) == 0:
         raise DataError("windows_train.parquet: no training windows to generate candidates for")
     windows = pd.concat([seeded_subset(train, cfg.train_windows, seed, "train"),
@@ -71,7 +61,7 @@ def plan_candidates(train: pd.DataFrame, val: pd.DataFrame, cfg: CandidatesConfi
         raise DataError(f"windows: window_id {bad[0]!r} is not a safe file name")
     if windows["window_id"].duplicated().any():
         raise DataError(f"windows: window_id {windows['window_id'][windows['window_id'].duplicated()].iloc[0]!r} repeats")
-    return CandidatePlan(windows, cfg.shard_size)
+    return ShardPlan(windows, cfg.shard_size)
 
 
 def lookup_windows(ws, window_ids: list[str], history_len: int, source: Path) -> pd.DataFrame:
@@ -133,38 +123,28 @@ def strip_images(strip: np.ndarray, per_window: int) -> np.ndarray:
 
 
 def shard_files(folder: Path, index: int) -> tuple[Path, Path, Path]:
-    name = f"shard-{index:05d}"
-    return folder / f"{name}.safetensors", folder / f"{name}.json", folder / "images" / name
+    """The shard's tensors and JSON (:mod:`pigeon.shards`) and its folder of candidate strips."""
+    return (*tensor_shard_files(folder, index), folder / "images" / shard_name(index))
 
 
 def write_shard(folder: Path, index: int, windows: pd.DataFrame, tensors: dict[str, torch.Tensor],
                 strips: np.ndarray, meta: dict) -> None:
-    tensors_path, json_path, images_dir = shard_files(folder, index)
+    """The strips first, then the shard store's tensors and the JSON that marks the shard complete."""
+    _, json_path, images_dir = shard_files(folder, index)
     json_path.unlink(missing_ok=True)  # the shard is incomplete until its JSON is back
     with atomic_dir(images_dir) as tmp:
         for window_id, strip in zip(windows["window_id"], strips):
             (tmp / f"{window_id}.png").write_bytes(png_bytes(strip))
-    save_tensors(tensors_path, tensors)
-    write_json(json_path, {**meta, "shard": index, "window_ids": windows["window_id"].tolist(),
-                           "splits": windows["split"].tolist(), "rows": len(tensors["codes"]),
-                           "md5": file_md5(tensors_path)})
+    write_tensor_shard(folder, index, windows["window_id"].tolist(), tensors,
+                       {**meta, "splits": windows["split"].tolist(), "rows": len(tensors["codes"])})
 
 
 def shard_complete(folder: Path, index: int, windows: pd.DataFrame, run_fingerprint: str) -> bool:
-    """True when the shard on disk was written whole by a run with the same fingerprint and windows."""
-    tensors_path, json_path, images_dir = shard_files(folder, index)
-    try:
-        meta = read_json(json_path)
-    except PigeonError:  # missing or torn: regenerate
-        return False
-    return (meta.get("fingerprint") == run_fingerprint
-            and meta.get("window_ids") == windows["window_id"].tolist()
-            and tensors_path.is_file() and file_md5(tensors_path) == meta.get("md5")
-            and all((images_dir / f"{w}.png").is_file() for w in meta["window_ids"]))
+    """The shard store's check, and every window's strip on disk."""
+    ids = windows["window_id"].tolist()
+    images_dir = shard_files(folder, index)[2]
+    return (tensor_shard_complete(folder, index, ids, run_fingerprint)
+            and all((images_dir / f"{w}.png").is_file() for w in ids))
 
 
-def read_shard(folder: Path, index: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    from pigeon.io import load_tensors
-
-    tensors_path, json_path, _ = shard_files(folder, index)
-    return read_json(json_path), load_tensors(tensors_path)
+read_shard = read_tensor_shard
