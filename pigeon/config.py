@@ -272,7 +272,7 @@ class DPOConfig(Section):
 
 
 class EvaluatorsConfig(Section):
-    steps: int = Field(600, ge=1)
+    steps: int = Field(4000, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
     width: int = Field(32, ge=4, description="Base channel width of the evaluator CNN.")
