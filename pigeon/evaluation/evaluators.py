@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from pigeon.config import EvaluatorsConfig
 from pigeon.errors import CheckpointError, ConfigError
 from pigeon.io import load_tensors, read_json, save_tensors, write_json
+from pigeon.models.personalization import gaussian_blur
 from pigeon.pixels import to_pixels
 
 WEIGHTS_FILE = "model.safetensors"
@@ -94,17 +95,11 @@ def augment(images: torch.Tensor, generator: torch.Generator, max_shift: int = 3
 def degrade(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """What generated images look like besides the tokenizer's own artifacts: a third of the images get a
     slight blur (σ ∈ [0.3, 0.9] px), another third a palette quantised to 8–16 levels per channel."""
-    n = images.shape[0]
+    n, c = images.shape[:2]
     u = torch.rand(n, 2, generator=generator).to(images.device)
     kind = (u[:, 0] * 3).long()
-    taps = torch.arange(-2, 3, dtype=images.dtype, device=images.device)
-    sigma = 0.3 + 0.6 * u[:, 1]
-    kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma[:, None] ** 2))
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(images.shape[1], 0)  # [N*C, 5]
-    c, h, w = images.shape[1:]
-    flat = F.pad(images, (2, 2, 2, 2), mode="replicate").reshape(1, n * c, h + 4, w + 4)
-    blurred = F.conv2d(F.conv2d(flat, kernel.reshape(n * c, 1, 1, 5), groups=n * c),
-                       kernel.reshape(n * c, 1, 5, 1), groups=n * c).reshape_as(images)
+    sigma = (0.3 + 0.6 * u[:, 1]).repeat_interleave(c)  # one blur per image, the same on each channel
+    blurred = gaussian_blur(images.reshape(n * c, 1, *images.shape[2:]), sigma).reshape_as(images)
     levels = (8 + (u[:, 1] * 9).floor())[:, None, None, None] - 1
     quantised = ((images + 1) / 2 * levels).round() / levels * 2 - 1
     kind = kind[:, None, None, None]

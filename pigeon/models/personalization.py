@@ -51,7 +51,7 @@ def style_tokens(history_embeds: torch.Tensor, history_mask: torch.Tensor) -> to
     return masked_mean(history_embeds, history_mask)
 
 
-def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Per-image separable gaussian blur (5 taps); x [N, 1, S, S], sigma [N] (0 = unchanged)."""
     taps = torch.arange(-2, 3, dtype=x.dtype, device=x.device)
     kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))
@@ -82,7 +82,7 @@ def reference_view(images_uint8: np.ndarray, generator: torch.Generator | None =
         theta[:, :, 2] = shift
         grid = F.affine_grid(theta, list(gray.shape), align_corners=False)
         gray = 1.0 - F.grid_sample(1.0 - gray, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        gray = _blur(gray, 1.2 * u[:, 3])
+        gray = gaussian_blur(gray, 1.2 * u[:, 3])
         gamma = torch.exp((u[:, 4] * 2 - 1) * 0.5)[:, None, None, None]
         contrast = (0.7 + 0.6 * u[:, 5])[:, None, None, None]
         gray = 1.0 - (1.0 - gray.clamp(0, 1) ** gamma) * contrast
