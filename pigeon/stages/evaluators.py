@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
 from pigeon.artifacts import load_backbone
 from pigeon.config import Params
@@ -22,13 +19,11 @@ from pigeon.data.raw import load_images, read_items
 from pigeon.evaluation.evaluators import (
     check_pretrained_paths,
     save_evaluator,
-    to_model_input,
     train_evaluator,
 )
+from pigeon.evaluation.methods import tokenizer_round_trip
 from pigeon.io import atomic_dir, atomic_write_text, write_json
-from pigeon.models.backbone import Backbone
 from pigeon.paths import Workspace
-from pigeon.pixels import to_uint8
 from pigeon.runtime import autocast, resolve_device
 
 SUMMARY_KEYS = ("style_accuracy", "content_accuracy", "content_top5_accuracy", "style_accuracy_reconstructed",
@@ -36,18 +31,6 @@ SUMMARY_KEYS = ("style_accuracy", "content_accuracy", "content_top5_accuracy", "
                 "content_accuracy_chance",
                 "holdout_style", "measured_at_step", "train_style_accuracy", "train_content_accuracy",
                 "final_style_accuracy_all_images", "final_content_accuracy_all_images", "num_styles", "num_emoji")
-
-
-@torch.no_grad()
-def tokenizer_reconstructions(backbone: Backbone, images: np.ndarray, device: torch.device,
-                              batch_size: int = 256) -> np.ndarray:
-    """Real images [N, S, S, 3] uint8 → the same images encoded and decoded by the backbone's tokenizer."""
-    out, size = [], images.shape[1]
-    for lo in tqdm(range(0, len(images), batch_size), desc="tokenizer reconstructions", leave=False):
-        x = to_model_input(images[lo : lo + batch_size], backbone.image_size, device)
-        with autocast(device):
-            out.append(to_uint8(backbone.decode_codes(backbone.encode_images(x)), size))
-    return np.concatenate(out) if out else images.copy()
 
 
 def run(params: Params, ws: Workspace) -> dict:
@@ -60,7 +43,7 @@ def run(params: Params, ws: Workspace) -> dict:
     reconstructions = None
     if cfg.reconstruction_share > 0:
         backbone = load_backbone(params, ws, device).eval()
-        reconstructions = tokenizer_reconstructions(backbone, images, device)
+        reconstructions = tokenizer_round_trip(backbone, images)
         del backbone
     evaluator, report = train_evaluator(images, items, cfg, params.seed, device, autocast(device),
                                         reconstructions=reconstructions)
