@@ -16,15 +16,12 @@ import pandas as pd
 from pigeon.artifacts import load_backbone
 from pigeon.config import Params
 from pigeon.data.raw import load_images, read_items
-from pigeon.evaluation.evaluators import (
-    check_pretrained_paths,
-    save_evaluator,
-    train_evaluator,
-)
+from pigeon.evaluation.evaluators import check_pretrained_paths, save_evaluator
 from pigeon.evaluation.methods import tokenizer_round_trip
 from pigeon.io import atomic_dir, atomic_write_text, write_json
 from pigeon.paths import Workspace
 from pigeon.runtime import autocast, resolve_device
+from pigeon.training.evaluators import train_evaluator
 
 SUMMARY_KEYS = ("style_accuracy", "content_accuracy", "content_top5_accuracy", "style_accuracy_reconstructed",
                 "content_accuracy_reconstructed", "style_accuracy_chance",

@@ -88,7 +88,7 @@ def run(params: Params, ws: Workspace) -> dict:
                       "codebook_usage_train": usage(trainer.codes, backbone.codebook_size),
                       "codebook_usage_holdout": usage(trainer.holdout_codes, backbone.codebook_size)},
         "lm": lm_metrics(trainer, data, seen),
-        "final_loss": final_losses(state.curves),
+        "final_loss": final_losses(state.rows),
         "resumed_from": list(trainer.resumed_from) if trainer.resumed_from else None,
     }
     shown = np.linspace(0, len(holdout_ids) - 1, min(GRID_IMAGES, len(holdout_ids))).round().astype(int)
@@ -115,7 +115,7 @@ def run(params: Params, ws: Workspace) -> dict:
     with atomic_dir(ws.foundation) as tmp:
         backbone.save_pretrained(tmp)
         write_json(tmp / "metrics.json", metrics)
-        curves = curve_table(state.curves)
+        curves = curve_table(state.rows)
         atomic_write_text(tmp / "curves.csv", curves.to_csv(index=False))
         atomic_write_bytes(tmp / "curves.png", curves_png(curves))
         grid_titles = [data.holdout_captions[i] for i in shown]

@@ -11,8 +11,7 @@ state.json          progress (step, counters, curve rows), optimizer param group
                     state, scheduler state, numpy/python RNG scalars, the run's fingerprint
 ```
 
-Together with a data order that is a function of (seed, epoch) and a batch position that is a
-function of the step, restoring this state makes a killed run finish with the same weights as
+Together with a batch order that is a function of (seed, stream, step) (``pigeon.training.loop``), restoring this state makes a killed run finish with the same weights as
 an uninterrupted one (CPU, same seed, same thread count). ``save_checkpoint``/``load_checkpoint``
 hold one optimizer, one scheduler and a set of trainables (stage 1, DPO); ``save_state``/``load_state``
 hold any tensors + JSON (the foundation's phases, whose optimizer changes from phase to phase).
@@ -23,7 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import random
 import shutil
 from pathlib import Path
@@ -35,7 +33,6 @@ from torch import nn
 
 from pigeon.errors import CheckpointError
 from pigeon.io import atomic_dir, atomic_write_bytes, atomic_write_text, load_tensors, read_json, save_tensors
-from pigeon.seeds import step_generator  # the trainers' named random streams (also imported from here)
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -53,29 +50,6 @@ def freeze_all_but(model: nn.Module, trainable: list[nn.Parameter]) -> dict[str,
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
     return named_trainables(model)
-
-
-def epoch_batch(n: int, batch_size: int, step: int, seed: int, name: str) -> torch.Tensor:
-    """Indices of batch ``step`` in a stream of per-epoch permutations of range(n) (torch-seeded)."""
-    first, last = step * batch_size, (step + 1) * batch_size
-    parts = []
-    for epoch in range(first // n, (last - 1) // n + 1):
-        perm = torch.randperm(n, generator=step_generator(seed, f"{name}/epoch", epoch))
-        lo, hi = max(first - epoch * n, 0), min(last - epoch * n, n)
-        parts.append(perm[lo:hi])
-    return torch.cat(parts)
-
-
-def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
-    """Shuffled row order of one epoch: a pure function of (seed, epoch), so a resumed run sees the same."""
-    return np.random.default_rng([seed, epoch]).permutation(size)
-
-
-def batch_rows(seed: int, step: int, size: int, batch_size: int) -> np.ndarray:
-    """Row indices of global ``step`` (0-based); the last batch of an epoch may be short."""
-    steps_per_epoch = math.ceil(size / batch_size)
-    epoch, position = divmod(step, steps_per_epoch)
-    return epoch_order(seed, epoch, size)[position * batch_size : (position + 1) * batch_size]
 
 
 # --- RNG -----------------------------------------------------------------------------------------

@@ -27,19 +27,14 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from pigeon.config import DPOConfig
-from pigeon.distributed import DataParallel, is_main
+from pigeon.distributed import DataParallel
 from pigeon.errors import PigeonError
 from pigeon.runtime import autocast
-from pigeon.training.checkpoint import (
-    batch_rows,
-    freeze_all_but,
-    load_checkpoint,
-    save_checkpoint,
-)
+from pigeon.training.checkpoint import freeze_all_but, load_checkpoint, save_checkpoint
+from pigeon.training.loop import LoopProgress, StepOutput, TrainingLoop, batch_indices
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -181,53 +176,45 @@ def train_dpo(
     if resumed is None:
         ref_train = score_pairs(model, encoder, train_pairs, eval_batch, device)
         ref_val = score_pairs(model, encoder, val_pairs, eval_batch, device)
-        progress: dict[str, Any] = {"step": 0, "rows": [], "before": (
-            evaluate_pairs(ref_val, ref_val, cfg, num_tokens) if len(val_pairs) else {})}
+        progress = LoopProgress(state={"before": evaluate_pairs(ref_val, ref_val, cfg, num_tokens)
+                                       if len(val_pairs) else {}})
     else:
-        progress, extra = resumed
+        progress, extra = LoopProgress.from_json(resumed[0]), resumed[1]
         ref_train = (extra["ref_train_chosen"], extra["ref_train_rejected"])
         ref_val = (extra["ref_val_chosen"], extra["ref_val_rejected"])
-    start_step = progress["step"]
-    resumed_from_step = None if resumed is None else start_step
+    resumed_from_step = None if resumed is None else progress.step
 
-    start = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=start_step, desc="dpo", unit="step", disable=not is_main())
-    for step in range(start_step, total_steps):
+    def step_fn(step: int) -> StepOutput:
         # Every process draws the same global batch and trains on its share of the pairs.
-        rows, weight = dp.split(batch_rows(seed, step, len(train_pairs), cfg.batch_size))
+        rows, weight = dp.split(batch_indices(len(train_pairs), cfg.batch_size, step, seed, "dpo", whole_epochs=True))
         dp.seed_step(seed, step)
         chosen, rejected = pair_logps(model, encoder, train_pairs, rows, device, dp.forward)
         index = torch.as_tensor(rows)
         out = dpo_loss(chosen, rejected, ref_train[0][index].to(device), ref_train[1][index].to(device),
                        cfg.beta, cfg.loss_type, num_tokens)
-        loss = out.losses.mean()
-        optimizer.zero_grad(set_to_none=True)
-        dp.backward(loss, weight)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        row = {"step": step + 1, **dp.batch_mean(dpo_metrics(out), weight), "grad_norm": float(grad_norm),
-               "lr": scheduler.get_last_lr()[0]}
+        extra = {}
         if step == 0:  # policy == reference before the first update: log-ratios must be 0
             gap = torch.cat([chosen.detach().cpu() - ref_train[0][index],
                              rejected.detach().cpu() - ref_train[1][index]])
-            row["initial_logp_gap"] = dp.batch_max(float(gap.abs().max()))
-        progress["rows"].append(row)
-        progress["step"] = step + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps and is_main():
-            save_checkpoint(checkpoint_dir, trainables, optimizer, scheduler, progress, run_fingerprint, {
-                "ref_train_chosen": ref_train[0], "ref_train_rejected": ref_train[1],
-                "ref_val_chosen": ref_val[0], "ref_val_rejected": ref_val[1]})
-    bar.close()
+            extra["initial_logp_gap"] = dp.batch_max(float(gap.abs().max()))
+        return StepOutput(out.losses.mean(), dpo_metrics(out), weight, extra)
+
+    def save() -> None:
+        save_checkpoint(checkpoint_dir, trainables, optimizer, scheduler, progress.to_json(), run_fingerprint, {
+            "ref_train_chosen": ref_train[0], "ref_train_rejected": ref_train[1],
+            "ref_val_chosen": ref_val[0], "ref_val_rejected": ref_val[1]})
+
+    start = time.perf_counter()
+    TrainingLoop("dpo", trainable, optimizer, total_steps, scheduler=scheduler, dp=dp, max_grad_norm=1.0,
+                 checkpoint_every=cfg.checkpoint_every, save=save,
+                 postfix=("loss", "rewards/accuracies")).run(progress, step_fn)
     seconds = time.perf_counter() - start
 
     after = evaluate_pairs(score_pairs(model, encoder, val_pairs, eval_batch, device), ref_val, cfg,
                            num_tokens) if len(val_pairs) else {}
     train_after = evaluate_pairs(score_pairs(model, encoder, train_pairs, eval_batch, device), ref_train, cfg,
                                  num_tokens)
-    rows = progress["rows"]
+    rows = progress.rows
     metrics = {
         "loss_type": cfg.loss_type,
         "beta": cfg.beta,
@@ -240,9 +227,9 @@ def train_dpo(
         "first_loss": rows[0]["loss"],
         "final_loss": rows[-1]["loss"],
         "initial_logp_gap": rows[0].get("initial_logp_gap"),
-        "val_pair_accuracy_stage1": progress["before"].get("pair_accuracy"),
+        "val_pair_accuracy_stage1": progress.state["before"].get("pair_accuracy"),
         "val_pair_accuracy_dpo": after.get("pair_accuracy"),
-        "val_before": progress["before"],
+        "val_before": progress.state["before"],
         "val_after": after,
         "train_pair_accuracy_stage1": float((ref_train[0] > ref_train[1]).float().mean()),
         "train_after": train_after,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from pigeon.config import FoundationConfig
 from pigeon.errors import DataError
@@ -37,18 +37,14 @@ from pigeon.models.tiny import TinyBackbone
 from pigeon.models.vq import decode_latents, init_codebook_from_data, quantize, reseed_dead_codes
 from pigeon.pixels import to_pixels
 from pigeon.runtime import autocast
-from pigeon.training.checkpoint import (
-    epoch_batch,
-    load_optimizer,
-    load_state,
-    optimizer_tensors,
-    save_state,
-    step_generator,
-)
+from pigeon.seeds import step_generator
+from pigeon.training.checkpoint import load_optimizer, load_state, optimizer_tensors, save_state
+from pigeon.training.loop import LoopProgress, StepOutput, TrainingLoop, batch_indices
 
 PLAIN_SHARE = 0.25  # share of LM sequences with an empty caption
 NO_CONTEXT_SHARE = 0.1  # share of LM sequences whose style context is dropped (all style tokens zero)
 WARMUP_STEPS = 20
+MIN_LR_RATE = 0.1  # the cosine decays to a tenth of the base rate
 PHASES = ("vq", "encode", "lm", "diffusion", "done")
 
 
@@ -77,15 +73,6 @@ def edge_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
     (rx, ry), (tx, ty) = grads(recon), grads(target)
     return F.l1_loss(rx, tx) + F.l1_loss(ry, ty)
-
-
-def lr_at(step: int, total: int, base: float) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the base rate."""
-    warmup = min(WARMUP_STEPS, max(1, total // 10))
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 @dataclass
@@ -136,10 +123,10 @@ class StyleContexts:
 
 
 @dataclass
-class Progress:
+class Progress(LoopProgress):
+    """The current phase's loop position; ``rows`` hold every phase's curve (phase, step, losses, lr)."""
+
     phase: str = "vq"
-    step: int = 0
-    curves: list = field(default_factory=list)  # rows: phase, step, loss, part losses
     seconds: dict = field(default_factory=dict)
 
 
@@ -160,6 +147,7 @@ class FoundationTrainer:
         self.codes: torch.Tensor | None = None  # [N, T] training codes after the vq phase
         self.holdout_codes: torch.Tensor | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.usage = torch.zeros(backbone.codebook_size, dtype=torch.long)
         length = backbone.cfg.lm.max_caption_tokens
         self.caption_ids, self.caption_mask = backbone.tokenize_captions(data.captions, length)
@@ -170,16 +158,18 @@ class FoundationTrainer:
     # --- checkpoints ----------------------------------------------------------------------------
     def _save(self) -> None:
         tensors = {f"model.{k}": v for k, v in self.model.base_state_dict().items()}
-        optimizer_meta = None
+        optimizer_meta = scheduler_meta = None
         if self.optimizer is not None:
             opt_tensors, optimizer_meta = optimizer_tensors(self.optimizer)
             tensors.update(opt_tensors)
+            scheduler_meta = self.scheduler.state_dict()
         tensors["vq_usage"] = self.usage
         if self.codes is not None:
             tensors["codes"], tensors["holdout_codes"] = self.codes, self.holdout_codes
             tensors["references"], tensors["holdout_references"] = self.references, self.holdout_references
         meta = {"fingerprint": self.fingerprint, "phase": self.state.phase, "step": self.state.step,
-                "curves": self.state.curves, "seconds": self.state.seconds, "optimizer": optimizer_meta}
+                "curves": self.state.rows, "seconds": self.state.seconds, "optimizer": optimizer_meta,
+                "scheduler": scheduler_meta}
         save_state(self.checkpoint_dir, tensors, meta)
 
     def _resume(self) -> None:
@@ -189,23 +179,36 @@ class FoundationTrainer:
         tensors, meta = found
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         self.model.load_state_dict(model_state, strict=True)
-        self.state = Progress(meta["phase"], meta["step"], meta["curves"], meta["seconds"])
+        self.state = Progress(step=meta["step"], rows=meta["curves"], phase=meta["phase"], seconds=meta["seconds"])
         self.usage = tensors["vq_usage"]
         if "codes" in tensors:
             self.codes = tensors["codes"].to(self.device)
             self.holdout_codes = tensors["holdout_codes"].to(self.device)
             self.references = tensors["references"].to(self.device)
             self.holdout_references = tensors["holdout_references"].to(self.device)
+        self._make_optimizer(self.state.phase)
         if meta["optimizer"]:
-            self.optimizer = self._make_optimizer(self.state.phase)
             load_optimizer(self.optimizer, tensors, meta["optimizer"])
+            self.scheduler.load_state_dict(meta["scheduler"])
         self.resumed_from = (self.state.phase, self.state.step)
         tqdm.write(f"foundation: resuming at {self.state.phase} step {self.state.step}")
 
-    def _make_optimizer(self, phase: str) -> torch.optim.Optimizer | None:
-        module, lr = {"vq": (self.model.vq, self.cfg.vq_lr), "lm": (self.model.lm, self.cfg.lm_lr),
-                      "diffusion": (self.model.diffusion, self.cfg.diffusion_lr)}.get(phase, (None, 0.0))
-        return None if module is None else torch.optim.AdamW(module.parameters(), lr=lr)
+    def _phase_plan(self, phase: str) -> tuple[torch.nn.Module | None, int, float]:
+        """(trained module, steps, base learning rate) of a phase."""
+        return {"vq": (self.model.vq, self.cfg.vq_steps, self.cfg.vq_lr),
+                "lm": (self.model.lm, self.cfg.lm_steps, self.cfg.lm_lr),
+                "diffusion": (self.model.diffusion, self.cfg.diffusion_steps, self.cfg.diffusion_lr)
+                }.get(phase, (None, 0, 0.0))
+
+    def _make_optimizer(self, phase: str) -> None:
+        """AdamW on the phase's module; linear warm-up, then cosine decay to a tenth of the base rate."""
+        module, steps, lr = self._phase_plan(phase)
+        self.optimizer = self.scheduler = None
+        if module is not None:
+            self.optimizer = torch.optim.AdamW(module.parameters(), lr=lr)
+            warmup = min(WARMUP_STEPS, max(1, steps // 10))
+            self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(self.optimizer, warmup, steps,
+                                                                         min_lr_rate=MIN_LR_RATE)
 
     def _next_phase(self) -> None:
         order = list(PHASES)
@@ -213,13 +216,13 @@ class FoundationTrainer:
         if phase == "diffusion" and (self.model.diffusion is None or self.cfg.diffusion_steps == 0):
             phase = "done"
         self.state.phase, self.state.step = phase, 0
-        self.optimizer = self._make_optimizer(phase)
+        self._make_optimizer(phase)
 
-    # --- the loop -------------------------------------------------------------------------------
+    # --- the phases -----------------------------------------------------------------------------
     def run(self) -> Progress:
         self._resume()
         if self.optimizer is None and self.state.step == 0:
-            self.optimizer = self._make_optimizer(self.state.phase)
+            self._make_optimizer(self.state.phase)
         while self.state.phase != "done":
             phase, self._mark = self.state.phase, time.perf_counter()
             if phase == "encode":
@@ -244,36 +247,23 @@ class FoundationTrainer:
         self._mark = now
 
     def _train_phase(self, phase: str) -> None:
-        steps, base_lr, step_fn = {
-            "vq": (self.cfg.vq_steps, self.cfg.vq_lr, self.vq_step),
-            "lm": (self.cfg.lm_steps, self.cfg.lm_lr, self.lm_step),
-            "diffusion": (self.cfg.diffusion_steps, self.cfg.diffusion_lr, self.diffusion_step),
-        }[phase]
-        bar = tqdm(total=steps, initial=self.state.step, desc=f"foundation {phase}", disable=not self.bars,
-                   dynamic_ncols=True, leave=False)
-        while self.state.step < steps:
-            step = self.state.step
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(step, steps, base_lr)
-            losses = step_fn(step, steps)
-            rounded = {k: round(v, 6) for k, v in losses.items()}
-            self.state.curves.append({"phase": phase, "step": step, **rounded})
-            self.state.step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses['loss']:.4f}", refresh=False)
-            if self.state.step % self.cfg.checkpoint_every == 0 and self.state.step < steps:
-                self._tick(phase)
-                self._save()
-        bar.close()
+        module, steps, _ = self._phase_plan(phase)
+        step_fn = {"vq": self.vq_step, "lm": self.lm_step, "diffusion": self.diffusion_step}[phase]
 
-    def _optimize(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        def labelled(step: int) -> StepOutput:
+            out = step_fn(step)
+            out.figures = {k: round(v, 6) for k, v in out.figures.items()}
+            out.extra["phase"] = phase
+            return out
 
-    def vq_step(self, step: int, steps: int) -> dict[str, float]:
+        loop = TrainingLoop(f"foundation {phase}", module.parameters(), self.optimizer, steps,
+                            scheduler=self.scheduler, checkpoint_every=self.cfg.checkpoint_every,
+                            save=lambda: (self._tick(phase), self._save()), progress_bar=self.bars)
+        loop.run(self.state, labelled, self.vq_after_step if phase == "vq" else None)
+
+    def vq_step(self, step: int) -> StepOutput:
         vq = self.model.vq
-        idx = epoch_batch(len(self.data.images), self.cfg.vq_batch_size, step, self.seed, "vq")
+        idx = batch_indices(len(self.data.images), self.cfg.vq_batch_size, step, self.seed, "vq")
         x = to_model_images(self.data.images[idx], self.device)
         with autocast(self.device):
             latents = vq.encode(x).latents
@@ -285,18 +275,22 @@ class FoundationTrainer:
         recon_loss = F.mse_loss(recon.float(), x)
         edges = edge_loss(recon.float(), x)
         loss = recon_loss + vq_loss + self.cfg.vq_edge_weight * edges
-        self._optimize(loss)
-        self.usage += torch.bincount(codes.flatten().cpu(), minlength=self.usage.numel())
-        reseeded = 0
-        if (step + 1) % self.cfg.dead_code_every == 0 and step + 1 < steps:
-            gen = step_generator(self.seed, "vq-dead", step)
-            reseeded = reseed_dead_codes(vq, self.usage, latents.detach(), gen)
-            self.usage.zero_()
-        return {"loss": loss.item(), "recon": recon_loss.item(), "vq": vq_loss.item(), "edges": edges.item(),
-                "reseeded": reseeded}
+        self._last_vq = (latents.detach(), codes)
+        return StepOutput(loss, {"loss": loss.item(), "recon": recon_loss.item(), "vq": vq_loss.item(),
+                                 "edges": edges.item()})
 
-    def lm_step(self, step: int, steps: int) -> dict[str, float]:
-        idx = epoch_batch(len(self.codes), self.cfg.lm_batch_size, step, self.seed, "lm")
+    def vq_after_step(self, step: int, row: dict) -> None:
+        """Count code usage; every ``dead_code_every`` steps re-seed the codes no batch used."""
+        latents, codes = self._last_vq
+        self.usage += torch.bincount(codes.flatten().cpu(), minlength=self.usage.numel())
+        row["reseeded"] = 0
+        if (step + 1) % self.cfg.dead_code_every == 0 and step + 1 < self.cfg.vq_steps:
+            gen = step_generator(self.seed, "vq-dead", step)
+            row["reseeded"] = reseed_dead_codes(self.model.vq, self.usage, latents, gen)
+            self.usage.zero_()
+
+    def lm_step(self, step: int) -> StepOutput:
+        idx = batch_indices(len(self.codes), self.cfg.lm_batch_size, step, self.seed, "lm")
         generator = step_generator(self.seed, "lm-context", step)
         b = len(idx)
         plain = torch.rand(b, generator=generator) < PLAIN_SHARE
@@ -311,8 +305,7 @@ class FoundationTrainer:
         reference_keep = torch.rand(b, self.model.tokens_per_image, generator=generator) >= alpha
         loss = self.conditioned_loss(ids, mask, self.codes[context], history_keep, reference, reference_keep,
                                      self.codes[idx])
-        self._optimize(loss)
-        return {"loss": loss.item()}
+        return StepOutput(loss, {"loss": loss.item()})
 
     def conditioned_loss(self, ids, mask, history_codes, history_keep, reference, reference_keep,
                          codes) -> torch.Tensor:
@@ -346,14 +339,13 @@ class FoundationTrainer:
         return self.conditioned_loss(ids, mask, codes.new_zeros(b, h, t), none, codes,
                                      torch.zeros(b, t, dtype=torch.bool), codes)
 
-    def diffusion_step(self, step: int, steps: int) -> dict[str, float]:
-        idx = epoch_batch(len(self.codes), self.cfg.diffusion_batch_size, step, self.seed, "diffusion")
+    def diffusion_step(self, step: int) -> StepOutput:
+        idx = batch_indices(len(self.codes), self.cfg.diffusion_batch_size, step, self.seed, "diffusion")
         x = to_model_images(self.data.images[idx], self.device)
         vectors = self.model.code_vectors(self.codes[idx]).detach()
         with autocast(self.device):
             loss = self.model.diffusion.loss(x, vectors, step_generator(self.seed, "diffusion", step))
-        self._optimize(loss)
-        return {"loss": loss.item()}
+        return StepOutput(loss, {"loss": loss.item()})
 
     @torch.no_grad()
     def encode_all(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

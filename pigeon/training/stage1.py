@@ -21,20 +21,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from pigeon.config import Stage1Config
-from pigeon.distributed import DataParallel, is_main
+from pigeon.distributed import DataParallel
 from pigeon.errors import DataError
 from pigeon.runtime import autocast
-from pigeon.training.checkpoint import (
-    batch_rows,
-    freeze_all_but,
-    load_checkpoint,
-    save_checkpoint,
-    step_generator,
-)
+from pigeon.seeds import step_generator
+from pigeon.training.checkpoint import freeze_all_but, load_checkpoint, save_checkpoint
+from pigeon.training.loop import LoopProgress, StepOutput, TrainingLoop, batch_indices
 
 VAL_SEED_OFFSET = 1  # the validation subset and its α_r come from (seed, 1), never from the train order
 
@@ -109,63 +104,59 @@ def train_stage1(
 
     resumed = load_checkpoint(checkpoint_dir, trainables, optimizer, scheduler, run_fingerprint)
     if resumed is None:
-        progress: dict[str, Any] = {"step": 0, "rows": [], "best_val_loss": None, "best_step": None,
-                                    "evals_without_improvement": 0, "stopped_early": False,
-                                    "foundation_val_loss": evaluate()}
+        progress = LoopProgress(state={"best_val_loss": None, "best_step": None, "evals_without_improvement": 0,
+                                       "stopped_early": False, "foundation_val_loss": evaluate()})
         best_weights: dict[str, torch.Tensor] = {}
     else:
-        progress, best_weights = resumed
-    resumed_from_step = None if resumed is None else progress["step"]
+        progress, best_weights = LoopProgress.from_json(resumed[0]), resumed[1]
+    resumed_from_step = None if resumed is None else progress.step
+    state = progress.state
 
-    model.train()
-    start = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=progress["step"], desc="stage1", unit="step", disable=not is_main())
-    for step in range(progress["step"], total_steps):
+    def step_fn(step: int) -> StepOutput:
         # Every process draws the same global batch and trains on its share of the rows.
-        rows, weight = dp.split(batch_rows(seed, step, len(train_windows), cfg.batch_size))
+        rows, weight = dp.split(batch_indices(len(train_windows), cfg.batch_size, step, seed, "stage1",
+                                              whole_epochs=True))
         dp.seed_step(seed, step)
         # each reference takes a random style-stripped view (one stream per step: a resume replays it)
         batch = encoder.batch(train_windows.iloc[rows], views=step_generator(seed, "stage1-views", step))
         with autocast(device):
             loss, logs = dp.forward(batch.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        dp.backward(loss, weight)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
         figures = {"train_loss": loss.item(), **{k: float(v) for k, v in logs.items() if k != "loss"}}
-        figures = dp.batch_mean(figures, weight)  # means over the global batch, whatever the world size
-        row = {"step": step + 1, "train_loss": figures.pop("train_loss"), "lr": scheduler.get_last_lr()[0],
-               "grad_norm": float(grad_norm), **figures}
-        progress["step"] = step + 1
+        return StepOutput(loss, figures, weight)
+
+    def after_step(step: int, row: dict[str, Any]) -> bool:
+        nonlocal best_weights
         if (step + 1) % cfg.eval_every == 0 or step + 1 == total_steps:
             row["val_loss"] = evaluate()
-            if progress["best_val_loss"] is None or row["val_loss"] < progress["best_val_loss"]:
-                progress.update(best_val_loss=row["val_loss"], best_step=step + 1, evals_without_improvement=0)
+            if state["best_val_loss"] is None or row["val_loss"] < state["best_val_loss"]:
+                state.update(best_val_loss=row["val_loss"], best_step=step + 1, evals_without_improvement=0)
                 best_weights = {k: p.detach().cpu().clone() for k, p in trainables.items()}
             else:
-                progress["evals_without_improvement"] += 1
-                progress["stopped_early"] = progress["evals_without_improvement"] >= cfg.patience
-        progress["rows"].append(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", best_val=f"{progress['best_val_loss'] or math.nan:.3f}")
-        if progress["stopped_early"]:
-            break
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps and is_main():
-            save_checkpoint(checkpoint_dir, trainables, optimizer, scheduler, progress, run_fingerprint, best_weights)
-    bar.close()
+                state["evals_without_improvement"] += 1
+                state["stopped_early"] = state["evals_without_improvement"] >= cfg.patience
+        return state["stopped_early"]
 
-    rows = progress["rows"]
+    def save() -> None:
+        save_checkpoint(checkpoint_dir, trainables, optimizer, scheduler, progress.to_json(), run_fingerprint,
+                        best_weights)
+
+    model.train()
+    start = time.perf_counter()
+    TrainingLoop("stage1", trainable, optimizer, total_steps, scheduler=scheduler, dp=dp, max_grad_norm=1.0,
+                 checkpoint_every=cfg.checkpoint_every, save=save,
+                 postfix=("train_loss", "val_loss")).run(progress, step_fn, after_step)
+
+    rows = progress.rows
     val_rows = [r for r in rows if "val_loss" in r]
     metrics = {
-        "steps": progress["step"],
+        "steps": progress.step,
         "planned_steps": total_steps,
-        "stopped_early": progress["stopped_early"],
+        "stopped_early": state["stopped_early"],
         "train_windows": len(train_windows),
         "val_windows": len(val_subset),
-        "foundation_val_loss": progress["foundation_val_loss"],
-        "best_val_loss": progress["best_val_loss"],
-        "best_step": progress["best_step"],
+        "foundation_val_loss": state["foundation_val_loss"],
+        "best_val_loss": state["best_val_loss"],
+        "best_step": state["best_step"],
         "final_val_loss": val_rows[-1]["val_loss"],
         "final_train_loss": rows[-1]["train_loss"],
         "train_seconds_this_run": round(time.perf_counter() - start, 2),

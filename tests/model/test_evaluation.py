@@ -48,7 +48,7 @@ def scored(smoke):
 
 
 def test_holdout_split_hides_one_style_and_some_emoji(synthetic_raw, smoke):
-    from pigeon.evaluation.evaluators import make_holdout_split
+    from pigeon.training.evaluators import make_holdout_split
 
     items = read_items(synthetic_raw)
     split = make_holdout_split(items, smoke.params.evaluators, seed=0)
@@ -62,7 +62,7 @@ def test_holdout_split_hides_one_style_and_some_emoji(synthetic_raw, smoke):
 def test_augment_moves_whole_pixels_and_keeps_colours():
     import torch
 
-    from pigeon.evaluation.evaluators import augment
+    from pigeon.training.evaluators import augment
 
     images = torch.rand(6, 3, 8, 8) * 2 - 1
     moved = augment(images, torch.Generator().manual_seed(0), max_shift=2, brightness=0.0)
