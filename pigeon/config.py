@@ -218,6 +218,9 @@ class LoraConfig(Section):
 class SamplingConfig(Section):
     temperature: float = Field(1.0, gt=0.0)
     top_k: int = Field(0, ge=0, description="0 = no top-k.")
+    history_prior: float = Field(0.0, ge=0.0, description="Weight of the history's code prior: the log-frequency "
+                                 "of each code among the kept history tokens (smoothed) added to the logits. "
+                                 "Trades content for style; 0 = off (README, experiments).")
 
 
 class Stage1Config(Section):
@@ -239,6 +242,10 @@ class CandidatesConfig(Section):
     val_windows: int = Field(48, ge=1, description="Validation windows (held-out DPO pairs).")
     shard_size: int = Field(32, ge=1, description="Windows per shard.")
     batch_size: int = Field(64, ge=1, description="Sequences generated at once.")
+    reference: Literal["target", "cross_style"] = Field(
+        "cross_style", description="The reference candidates are generated from: the window's target itself "
+        "(as in stage 1), or a seeded item of another style and another emoji (as at inference, where the "
+        "reference is never in the user's style; no target is involved, so no pair of one emoji in two styles).")
     sampling: SamplingConfig = SamplingConfig()
 
     @field_validator("alpha_sweep")
@@ -253,6 +260,9 @@ class RankConfig(Section):
     w_history: float = Field(0.5, ge=0.0, description="Weight of mean similarity to the 5 history images.")
     w_reference: float = Field(0.5, ge=0.0, description="Weight of similarity to the reference.")
     min_margin: float = Field(0.01, ge=0.0, description="Drop windows whose chosen-rejected margin is lower.")
+    features: Literal["pooled", "split"] = Field(
+        "split", description="pooled: both terms compare all reward features; split: the history term compares "
+        "the style statistics (channel mean and std) and the reference term the layout (2x2 grid).")
 
     @model_validator(mode="after")
     def _weights(self) -> RankConfig:
@@ -297,14 +307,15 @@ class EvaluatorsConfig(Section):
 
 class EvaluateConfig(Section):
     test_windows: int = Field(160, ge=1, description="Test windows scored (seeded subset).")
-    alpha_ref: float = Field(0.5, ge=0.0, le=1.0, description="Fixed α_r of the 'Pigeon' row.")
-    select_sweep: tuple[float, ...] = Field((0.2, 0.4, 0.6, 0.8), description="α_r swept for selection.")
+    alpha_ref: float = Field(0.0, ge=0.0, le=1.0, description="Fixed α_r of the 'Pigeon' row (0: the whole "
+                             "reference; any masked share loses the layout: README, experiments).")
+    select_sweep: tuple[float, ...] = Field((0.0, 0.2, 0.4, 0.6), description="α_r swept for selection.")
     batch_size: int = Field(64, ge=1)
     shard_size: int = Field(64, ge=1, description="Test windows per generation shard, rounded up to whole "
                             "batches of every row so that the results never depend on it.")
     bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples for 95% intervals.")
     grid_users: int = Field(6, ge=1)
-    sampling: SamplingConfig = SamplingConfig()
+    sampling: SamplingConfig = SamplingConfig(temperature=0.5, history_prior=1.0)
 
 
 class RegisterConfig(Section):

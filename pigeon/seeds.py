@@ -7,6 +7,7 @@ import hashlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -21,3 +22,10 @@ def step_generator(seed: int, name: str, step: int) -> torch.Generator:
     import torch
 
     return torch.Generator().manual_seed(derive_seed(seed, name, step))
+
+
+def numpy_rng(seed: int, *names: object) -> np.random.Generator:
+    """A numpy generator for the stream ``seed/name/…`` (subsets and orders drawn once per run)."""
+    import numpy as np
+
+    return np.random.default_rng(derive_seed(seed, *names))

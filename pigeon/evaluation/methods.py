@@ -91,8 +91,8 @@ def generate_images(model, encoder: WindowEncoder, windows: pd.DataFrame, refere
 class RewardSelector:
     """Reward-encoder features of real items (centred on the training windows' images, as `rank`)."""
 
-    def __init__(self, backbone, item_images: np.ndarray, center_items: np.ndarray):
-        self.encoder = RewardEncoder(backbone)
+    def __init__(self, backbone, item_images: np.ndarray, center_items: np.ndarray, split: bool = False):
+        self.encoder = RewardEncoder(backbone, split=split)
         self.item_features = self.encoder.fit_items(item_images, center_items)  # [N, D] unit vectors
 
     def nearest_history(self, windows: pd.DataFrame, reference_col: str, history_len: int) -> np.ndarray:
@@ -111,7 +111,7 @@ class RewardSelector:
         history = torch.tensor(windows[history_columns(history_len)].to_numpy(np.int64))
         reference = torch.tensor(windows[reference_col].to_numpy(np.int64))
         return candidate_rewards(feats, self.item_features[history], self.item_features[reference],
-                                 **SELECT_WEIGHTS)
+                                 **SELECT_WEIGHTS, style_dims=self.encoder.style_dims)
 
 
 def select_best(candidates: np.ndarray, sweep: tuple[float, ...], rewards: dict[str, torch.Tensor]) -> MethodImages:

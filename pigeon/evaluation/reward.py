@@ -3,6 +3,12 @@
 Reward = w_history · mean cosine similarity to the window's history images
        + w_reference · cosine similarity to its reference image.
 
+With ``split`` features (``rank.features``) the history term compares only the style statistics
+(the latents' channel mean and std: how the images are drawn, wherever things are) and the
+reference term only the layout (the 2×2 grid: what is where). Comparing everything in both terms
+rewards a candidate for taking the reference's *style* too, and for the history images' layouts,
+which say nothing about the image to make.
+
 The reward encoder is ``Backbone.image_features``: the foundation visual tokenizer's encoder,
 pre-quantisation, pooled (spatial mean and std, which carry style, plus a coarse layout grid).
 Why this encoder: it is part of the model being aligned and was trained only on training-split
@@ -25,12 +31,15 @@ from pigeon.models.batching import images_to_tensor
 
 
 class RewardEncoder:
-    """Pooled tokenizer-encoder features of uint8 images, centred, L2-normalised."""
+    """Pooled tokenizer-encoder features of uint8 images, centred, L2-normalised — as a whole, or with
+    ``split`` the style part (the first ``backbone.image_style_dims``) and the layout part separately."""
 
-    def __init__(self, backbone, batch_size: int = 256):
+    def __init__(self, backbone, batch_size: int = 256, split: bool = False):
         self.backbone = backbone
         self.batch_size = batch_size
         self.center: torch.Tensor | None = None
+        dims = getattr(backbone, "image_style_dims", None)
+        self.style_dims: int | None = dims if split else None
 
     @torch.no_grad()
     def raw_features(self, images_uint8: np.ndarray) -> torch.Tensor:
@@ -53,13 +62,21 @@ class RewardEncoder:
         return self._unit(self.raw_features(images_uint8))
 
     def _unit(self, raw: torch.Tensor) -> torch.Tensor:
-        return F.normalize(raw if self.center is None else raw - self.center, dim=-1)
+        centred = raw if self.center is None else raw - self.center
+        if self.style_dims is None or self.style_dims >= raw.shape[-1]:
+            return F.normalize(centred, dim=-1)
+        k = self.style_dims
+        return torch.cat([F.normalize(centred[..., :k], dim=-1), F.normalize(centred[..., k:], dim=-1)], dim=-1)
 
 def candidate_rewards(candidates: torch.Tensor, history: torch.Tensor, reference: torch.Tensor,
-                      w_history: float, w_reference: float) -> dict[str, torch.Tensor]:
-    """candidates [W, S, D], history [W, H, D], reference [W, D] (unit vectors) → [W, S] rewards and parts."""
-    history_sim = torch.einsum("wsd,whd->wsh", candidates, history).mean(dim=-1)
-    reference_sim = torch.einsum("wsd,wd->ws", candidates, reference)
+                      w_history: float, w_reference: float, style_dims: int | None = None) -> dict[str, torch.Tensor]:
+    """candidates [W, S, D], history [W, H, D], reference [W, D] (:class:`RewardEncoder` features) → [W, S]
+    rewards and parts. ``style_dims`` (the encoder's, when split): the history term reads the first
+    ``style_dims`` features, the reference term the rest."""
+    style = slice(None, style_dims)
+    layout = slice(style_dims, None) if style_dims is not None else slice(None)
+    history_sim = torch.einsum("wsd,whd->wsh", candidates[..., style], history[..., style]).mean(dim=-1)
+    reference_sim = torch.einsum("wsd,wd->ws", candidates[..., layout], reference[..., layout])
     return {"reward": w_history * history_sim + w_reference * reference_sim,
             "history_sim": history_sim, "reference_sim": reference_sim}
 

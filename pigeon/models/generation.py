@@ -91,6 +91,26 @@ def gumbel_sample(logits: torch.Tensor, sampling: SamplingConfig, generator: tor
     return (logits - torch.log(-torch.log(uniform))).argmax(dim=-1)
 
 
+PRIOR_SMOOTHING = 0.1  # share of the prior's mass spread evenly over the codebook
+
+
+def history_code_prior(history_codes: torch.Tensor, history_keep: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """A cache model of the user's visual tokens: log p(code) under the frequencies of the kept history
+    tokens, smoothed with a uniform share, centred per row → [N, K] logit offsets (0 where nothing is kept).
+
+    history_codes, history_keep [N, H, T]. Which codes a vendor uses (its palette, outline and shading
+    patches) is what the history knows and the reference view does not; the mask generator's masks decide
+    which history tokens count, so noise it filters out never enters the prior."""
+    n = history_codes.shape[0]
+    keep = history_keep.reshape(n, -1).float()
+    counts = torch.zeros(n, codebook_size, device=history_codes.device).scatter_add_(
+        1, history_codes.reshape(n, -1), keep)
+    total = counts.sum(dim=1, keepdim=True)
+    p = (1 - PRIOR_SMOOTHING) * counts / total.clamp_min(1) + PRIOR_SMOOTHING / codebook_size
+    logp = p.log()
+    return torch.where(total > 0, logp - logp.mean(dim=1, keepdim=True), torch.zeros_like(logp))
+
+
 def compute_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:
     """The dtype products run in: autocast's when it is on for ``device``, else the weights'."""
     if torch.is_autocast_enabled(device.type):
@@ -144,8 +164,11 @@ def sample_codes(model: PromptModel, windows: WindowBatch, rows: WindowBatch, co
         visible = torch.zeros(n, 1, 1, attention.shape[1], dtype=decoder.dtype, device=device).masked_fill_(
             ~attention.bool()[:, None, None, :], float("-inf"))
     hidden = hidden[:, -1]
+    prior = 0.0
+    if sampling.history_prior > 0:
+        prior = sampling.history_prior * history_code_prior(rows.history_codes, cond.history_keep, k)
     for step in range(t):
-        codes[:, step] = gumbel_sample(bb.image_logits(hidden)[:, :k], sampling, generator)
+        codes[:, step] = gumbel_sample(bb.image_logits(hidden)[:, :k].float() + prior, sampling, generator)
         if step == t - 1:
             break
         end = p + step + 1

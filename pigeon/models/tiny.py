@@ -150,6 +150,11 @@ class TinyBackbone(Backbone):
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         return pooled_features(self.encoder_latents(images))
 
+    @property
+    def image_style_dims(self) -> int:
+        """The leading :meth:`image_features` that are style statistics (channel mean and std)."""
+        return 2 * self.cfg.vq.code_dim
+
     # --- language model ---------------------------------------------------------------------
     def tokenize_captions(self, captions: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded to ``max_tokens``, [BOS] first; returned on the CPU (tokenizing is CPU work)."""

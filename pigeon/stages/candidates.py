@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from pigeon.artifacts import inputs_fingerprint, load_pigeon, window_encoder
 from pigeon.config import Params
+from pigeon.data.raw import read_items
 from pigeon.data.users import read_windows
 from pigeon.errors import PigeonError
 from pigeon.io import tree_hash, write_json
@@ -55,7 +56,7 @@ def open_run(params: Params, ws: Workspace) -> CandidateRun:
     """The windows and shards of this run, and the fingerprint every shard is written with."""
     train = read_windows(ws, "train", params.model.history_len)
     val = read_windows(ws, "val", params.model.history_len)
-    plan = plan_candidates(train, val, params.candidates, params.seed)
+    plan = plan_candidates(train, val, params.candidates, params.seed, read_items(ws.raw))
     run_id = inputs_fingerprint(params, ws, ("candidates",), ws.users / "windows_train.parquet",
                                 ws.users / "windows_val.parquet") + tree_hash(ws.stage1)
     return CandidateRun(plan, run_id, resolve_device(params.device))

@@ -37,7 +37,8 @@ def load_pairs(params: Params, ws: Workspace) -> dict[str, PairSet]:
     if len(tensors["chosen_codes"]) != len(table):
         raise DataError(f"{ws.pairs / 'pairs.safetensors'}: {len(tensors['chosen_codes'])} pairs, "
                         f"pairs.parquet has {len(table)}")
-    windows = lookup_windows(ws, table["window_id"].tolist(), params.model.history_len, path)
+    windows = lookup_windows(ws, table["window_id"].tolist(), params.model.history_len, path, params.candidates,
+                             params.seed)
     cond = Conditioning(tensors["history_keep"], tensors["reference_keep"], tensors["alpha_ref"])
     out = {}
     for split in ("train", "val"):

@@ -50,6 +50,7 @@ from pigeon.evaluation.report import (
 from pigeon.io import atomic_dir, read_json, tree_hash, write_json
 from pigeon.paths import Workspace
 from pigeon.runtime import resolve_device
+from pigeon.seeds import numpy_rng
 from pigeon.shards import (
     ShardPlan,
     drop_shards_beyond,
@@ -58,7 +59,6 @@ from pigeon.shards import (
     write_tensor_shard,
 )
 
-SUBSET_STREAM = 11  # the test subset comes from (seed, 11), independent of any other draw
 FRECHET_RESAMPLES = 200  # one eigenproblem per resample: capped to keep the stage short
 SWEEP_METHOD = "pigeon_sweep"  # every α_r candidate behind pigeon_select
 GENERATION_KEYS = ("alpha_ref", "select_sweep", "batch_size", "sampling")  # the evaluate keys images depend on
@@ -73,7 +73,7 @@ PROTOCOL_NOTES = {
 
 def test_subset(windows: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
     """A fixed, seeded subset of the test windows, in file order."""
-    rng = np.random.default_rng([seed, SUBSET_STREAM])
+    rng = numpy_rng(seed, "evaluate-test-windows")
     pick = np.sort(rng.choice(len(windows), size=min(size, len(windows)), replace=False))
     return windows.iloc[pick].reset_index(drop=True)
 
@@ -147,7 +147,8 @@ def _method_images(params: Params, ws: Workspace, evaluation: EvaluationRun, ite
     generated, seconds = read_rows(folder, plan, params.evaluate)
     train = read_windows(ws, "train", hl)
     selector = RewardSelector(load_backbone(params, ws, device), item_images,
-                              train[history_columns(hl) + ["target_item"]].to_numpy(np.int64).ravel())
+                              train[history_columns(hl) + ["target_item"]].to_numpy(np.int64).ravel(),
+                              split=params.rank.features == "split")
     return method_images(generated, plan.windows, params.evaluate, selector, item_images, hl), seconds
 
 

@@ -31,7 +31,7 @@ from pigeon.evaluation.reward import RewardEncoder, candidate_rewards, choose_pa
 from pigeon.io import atomic_dir, atomic_write_bytes, read_json, save_tensors, write_json
 from pigeon.paths import Workspace
 from pigeon.runtime import resolve_device
-from pigeon.training.candidates import lookup_windows, read_shard, shard_files, strip_images
+from pigeon.training.candidates import REFERENCE_COL, lookup_windows, read_shard, shard_files, strip_images
 
 GRID_PAIRS = 8
 
@@ -56,7 +56,8 @@ def _load_candidates(params: Params, ws: Workspace) -> tuple[dict, pd.DataFrame,
                 raise DataError(f"{path}: strip is {strip.shape}, expected {(size, size * per_window, 3)}")
             images.append(strip_images(strip, per_window))
     table = pd.concat(frames, ignore_index=True)
-    windows = lookup_windows(ws, table["window_id"].tolist(), params.model.history_len, ws.candidates)
+    windows = lookup_windows(ws, table["window_id"].tolist(), params.model.history_len, ws.candidates,
+                             params.candidates, params.seed)
     table = pd.concat([table, windows.drop(columns=["window_id", "split"])], axis=1)
     merged = {k: torch.cat([t[k] for t in tensors]) for k in tensors[0]}
     return index, table, merged, np.stack(images)
@@ -115,17 +116,18 @@ def run(params: Params, ws: Workspace) -> dict:
     n_windows, per_window = cand_images.shape[:2]
     item_images = load_images(ws.raw, params.backbone.image_size, read_items(ws.raw))
     history_ids = table[history_columns(params.model.history_len)].to_numpy(np.int64, copy=True)
-    reference_ids = table["target_item"].to_numpy(np.int64, copy=True)  # in training the reference is the target itself
+    reference_ids = table[REFERENCE_COL].to_numpy(np.int64, copy=True)  # what the candidates were generated from
 
-    encoder = RewardEncoder(load_backbone(params, ws, device))
+    encoder = RewardEncoder(load_backbone(params, ws, device), split=cfg.features == "split")
     train_rows = (table["split"] == "train").to_numpy()
     item_feats = encoder.fit_items(item_images, np.concatenate([history_ids[train_rows].ravel(),
                                                                 reference_ids[train_rows]]))
     cand_feats = encoder.features(cand_images.reshape(-1, *cand_images.shape[2:])).reshape(n_windows, per_window, -1)
     history_feats = item_feats[torch.from_numpy(history_ids)]
     reference_feats = item_feats[torch.from_numpy(reference_ids)]
-    scored = candidate_rewards(cand_feats, history_feats, reference_feats, cfg.w_history, cfg.w_reference)
-    history_only = candidate_rewards(cand_feats, history_feats, reference_feats, 1.0, 0.0)["reward"]
+    scored = candidate_rewards(cand_feats, history_feats, reference_feats, cfg.w_history, cfg.w_reference,
+                               encoder.style_dims)
+    history_only = candidate_rewards(cand_feats, history_feats, reference_feats, 1.0, 0.0, encoder.style_dims)["reward"]
     pairs = choose_pairs(scored["reward"], cfg.min_margin)
 
     rows = torch.arange(n_windows)
@@ -156,6 +158,7 @@ def run(params: Params, ws: Workspace) -> dict:
         "reward_encoder": "backbone.image_features (foundation tokenizer encoder, pooled; centred on the "
                           "training windows' images); not the evaluation encoder",
         "weights": {"w_history": cfg.w_history, "w_reference": cfg.w_reference, "min_margin": cfg.min_margin},
+        "features": cfg.features, "reference": params.candidates.reference,
         "windows": {s: int((split_of == s).sum()) for s in ("train", "val")},
         "pairs": {s: int((out["split"] == s).sum()) for s in ("train", "val")},
         "dropped": int((~keep).sum()),

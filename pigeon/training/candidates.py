@@ -31,6 +31,7 @@ from pigeon.errors import DataError
 from pigeon.io import atomic_dir
 from pigeon.pixels import to_uint8
 from pigeon.runtime import autocast
+from pigeon.seeds import numpy_rng
 from pigeon.shards import (
     ShardPlan,
     read_tensor_shard,
@@ -40,22 +41,46 @@ from pigeon.shards import (
     write_tensor_shard,
 )
 
-PLAN_SEED_OFFSET = 2  # window subsets come from (seed, 2, split): independent of training's orders
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def seeded_subset(windows: pd.DataFrame, size: int, seed: int, split: str) -> pd.DataFrame:
     """``size`` windows (all when fewer), drawn with a seed of their own, in file order."""
-    rng = np.random.default_rng([seed, PLAN_SEED_OFFSET, ["train", "val", "test"].index(split)])
+    rng = numpy_rng(seed, "candidates-windows", split)
     rows = np.sort(rng.choice(len(windows), size=min(size, len(windows)), replace=False))
     return windows.iloc[rows].assign(split=split)
 
 
-def plan_candidates(train: pd.DataFrame, val: pd.DataFrame, cfg: CandidatesConfig, seed: int) -> ShardPlan:
+REFERENCE_COL = "stage2_reference"  # the reference candidates are generated from (and DPO scores under)
+
+
+def with_stage2_reference(windows: pd.DataFrame, items: pd.DataFrame, mode: str, seed: int) -> pd.DataFrame:
+    """``windows`` with the column ``stage2_reference``: the target itself (``mode="target"``), or
+    (``"cross_style"``) an item drawn for the window from its own seeded stream among the items of another
+    style than the target's and another emoji — the situation of inference, where the reference is drawn
+    in some other vendor's style. The target is never used with it: no pair of one emoji in two styles."""
+    if mode == "target":
+        return windows.assign(**{REFERENCE_COL: windows["target_item"].to_numpy()})
+    style = items["style"].to_numpy()
+    emoji = items["emoji_key"].to_numpy()
+    picks = []
+    for window_id, target in zip(windows["window_id"], windows["target_item"].to_numpy()):
+        rng = numpy_rng(seed, "stage2-reference", window_id)
+        while True:  # all but a few items qualify: a handful of draws at most
+            pick = int(rng.integers(len(items)))
+            if style[pick] != style[target] and emoji[pick] != emoji[target]:
+                break
+        picks.append(pick)
+    return windows.assign(**{REFERENCE_COL: np.asarray(picks, dtype=np.int64)})
+
+
+def plan_candidates(train: pd.DataFrame, val: pd.DataFrame, cfg: CandidatesConfig, seed: int,
+                    items: pd.DataFrame) -> ShardPlan:
     if len(train) == 0:
         raise DataError("windows_train.parquet: no training windows to generate candidates for")
     windows = pd.concat([seeded_subset(train, cfg.train_windows, seed, "train"),
                          seeded_subset(val, cfg.val_windows, seed, "val")], ignore_index=True)
+    windows = with_stage2_reference(windows, items, cfg.reference, seed)
     bad = [w for w in windows["window_id"] if not SAFE_NAME.match(str(w))]
     if bad:
         raise DataError(f"windows: window_id {bad[0]!r} is not a safe file name")
@@ -64,15 +89,18 @@ def plan_candidates(train: pd.DataFrame, val: pd.DataFrame, cfg: CandidatesConfi
     return ShardPlan(windows, cfg.shard_size)
 
 
-def lookup_windows(ws, window_ids: list[str], history_len: int, source: Path) -> pd.DataFrame:
-    """The train/val window rows of ``window_ids``, in that order; an unknown id is a DataError naming ``source``."""
+def lookup_windows(ws, window_ids: list[str], history_len: int, source: Path, cfg: CandidatesConfig,
+                   seed: int) -> pd.DataFrame:
+    """The train/val window rows of ``window_ids``, in that order, with their ``stage2_reference`` (as
+    :func:`plan_candidates` drew it); an unknown id is a DataError naming ``source``."""
+    from pigeon.data.raw import read_items
     from pigeon.data.users import read_windows
 
     known = pd.concat([read_windows(ws, s, history_len) for s in ("train", "val")]).set_index("window_id")
     unknown = set(window_ids) - set(known.index)
     if unknown:
         raise DataError(f"{source}: window {min(unknown)!r} is in no windows file (stale? re-run the stage)")
-    return known.loc[list(window_ids)].reset_index()
+    return with_stage2_reference(known.loc[list(window_ids)].reset_index(), read_items(ws.raw), cfg.reference, seed)
 
 
 def chunk_seed(seed: int, shard: int, chunk: int) -> int:
@@ -90,7 +118,8 @@ def generate_candidates(model, encoder, windows: pd.DataFrame, cfg: CandidatesCo
                                             ("codes", "window_row", "alpha_ref", "history_keep", "reference_keep", "seeds")}
     seconds = 0.0
     for chunk, start in enumerate(range(0, len(windows), per_call)):
-        batch = encoder.batch(windows.iloc[start : start + per_call], target_col=None).to(device)
+        batch = encoder.batch(windows.iloc[start : start + per_call], reference_col=REFERENCE_COL,
+                              target_col=None).to(device)
         call_seed = chunk_seed(seed, shard, chunk)
         began = time.perf_counter()
         with autocast(device):

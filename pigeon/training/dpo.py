@@ -33,6 +33,7 @@ from pigeon.config import DPOConfig
 from pigeon.distributed import DataParallel
 from pigeon.errors import PigeonError
 from pigeon.runtime import autocast
+from pigeon.training.candidates import REFERENCE_COL
 from pigeon.training.checkpoint import freeze_all_but, load_checkpoint, save_checkpoint
 from pigeon.training.loop import LoopProgress, StepOutput, TrainingLoop, batch_indices
 
@@ -104,7 +105,7 @@ def pair_logps(model, encoder, pairs: PairSet, rows: np.ndarray, device: torch.d
     """Summed log-probs of the chosen and rejected codes of ``rows``, in one forward over 2·B sequences
     (through ``sequence_logps``, e.g. a ``DataParallel.forward``; ``model.sequence_logps`` by default)."""
     index = torch.as_tensor(rows, dtype=torch.long)
-    batch = encoder.batch(pairs.windows.iloc[rows], target_col=None)
+    batch = encoder.batch(pairs.windows.iloc[rows], reference_col=REFERENCE_COL, target_col=None)
     both = torch.arange(len(rows)).repeat(2)  # chosen rows, then the same rows for rejected
     codes = torch.cat([pairs.chosen_codes[index], pairs.rejected_codes[index]])
     cond = pairs.conditioning.select(index).select(both)

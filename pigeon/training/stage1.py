@@ -27,18 +27,16 @@ from pigeon.config import Stage1Config
 from pigeon.distributed import DataParallel
 from pigeon.errors import DataError
 from pigeon.runtime import autocast
-from pigeon.seeds import step_generator
+from pigeon.seeds import numpy_rng, step_generator
 from pigeon.training.checkpoint import freeze_all_but, load_checkpoint, save_checkpoint
 from pigeon.training.loop import LoopProgress, StepOutput, TrainingLoop, batch_indices
-
-VAL_SEED_OFFSET = 1  # the validation subset and its α_r come from (seed, 1), never from the train order
 
 
 def validation_subset(windows: pd.DataFrame, size: int, seed: int) -> tuple[pd.DataFrame, torch.Tensor]:
     """A fixed, seeded subset of ``windows`` and one fixed α_r per window."""
     if len(windows) == 0:
         raise DataError("windows_val.parquet: no validation windows (stage1 needs a validation subset)")
-    rng = np.random.default_rng([seed, VAL_SEED_OFFSET])
+    rng = numpy_rng(seed, "stage1-validation")  # never the train order's stream
     rows = np.sort(rng.choice(len(windows), size=min(size, len(windows)), replace=False))
     alpha_ref = torch.from_numpy(rng.random(len(rows))).float()
     return windows.iloc[rows].reset_index(drop=True), alpha_ref

@@ -339,3 +339,29 @@ def test_window_encoder_and_item_code_cache(tmp_path, synthetic_raw):
     none = encoder.batch(windows, target_col=None)
     assert none.target_codes is None and torch.equal(none.reference_codes, views[[7, 9], 0])
     assert np.array_equal(batch.caption_mask.sum(1).numpy() > 0, [True, True])
+
+
+def test_history_code_prior_counts_only_kept_tokens():
+    from pigeon.models.generation import history_code_prior
+
+    codes = torch.tensor([[[3, 3, 5, 7]], [[1, 2, 2, 2]]])  # [N=2, H=1, T=4]
+    keep = torch.tensor([[[True, True, True, False]], [[False, False, False, False]]])
+    prior = history_code_prior(codes, keep, codebook_size=8)
+    assert prior.shape == (2, 8)
+    assert prior[0, 3] > prior[0, 5] > prior[0, 7] == prior[0, 0]  # code 7 is masked out: never counted
+    assert torch.equal(prior[1], torch.zeros(8))  # nothing kept: no prior
+    assert prior[0].mean().abs() < 1e-6  # centred: it moves probability between codes, not the scale
+
+
+def test_history_prior_pulls_sampled_codes_toward_the_history(model):
+    batch = make_batch(model, b=2, seed=4)
+    with_prior = SamplingConfig(history_prior=50.0)
+    cond = model.generate(batch, 0.0, sampling=SamplingConfig(), seed=0).conditioning
+    plain = model.generate(batch, 0.0, sampling=SamplingConfig(), seed=0, cond=cond).codes
+    pulled = model.generate(batch, 0.0, sampling=with_prior, seed=0, cond=cond).codes
+
+    def share_in_history(codes):
+        return np.mean([np.isin(codes[i].numpy(), batch.history_codes[i][cond.history_keep[i]].numpy()).mean()
+                        for i in range(len(codes))])
+
+    assert share_in_history(pulled) > 0.9 > share_in_history(plain)

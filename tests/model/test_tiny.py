@@ -226,3 +226,26 @@ def test_reward_features_of_items_match_a_separate_centre_and_encode(backbone: T
     assert torch.allclose(feats, separate.features(items), atol=1e-5)
     assert torch.allclose(feats.norm(dim=-1), torch.ones(7))
     assert not torch.allclose(one_pass.center, one_pass.raw_features(items).mean(dim=0))  # the centre's items only
+
+
+def test_split_reward_reads_style_for_the_history_and_layout_for_the_reference(backbone: TinyBackbone):
+    """With split features the history term changes only with the style statistics and the reference term
+    only with the layout grid: a candidate that swaps layout keeps its history similarity."""
+    from pigeon.evaluation.reward import RewardEncoder, candidate_rewards
+
+    items = ((images(6, seed=5).permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    encoder = RewardEncoder(backbone, split=True)
+    feats = encoder.fit_items(items, [0, 1, 2, 3, 4, 5])
+    k = encoder.style_dims
+    assert k == backbone.image_style_dims < feats.shape[-1]
+    assert torch.allclose(feats[:, :k].norm(dim=-1), torch.ones(6)) and torch.allclose(feats[:, k:].norm(dim=-1), torch.ones(6))
+    history, reference = feats[None, :3], feats[3][None]
+    candidate = feats[4].clone()
+    moved = candidate.clone()
+    moved[k:] = feats[3, k:]  # the reference's layout, the candidate's own style
+    scored = candidate_rewards(torch.stack([candidate, moved])[None], history, reference, 1.0, 1.0, k)
+    assert scored["history_sim"][0, 0] == pytest.approx(float(scored["history_sim"][0, 1]))
+    assert float(scored["reference_sim"][0, 1]) == pytest.approx(1.0, abs=1e-5)
+    assert float(scored["reference_sim"][0, 0]) < 0.99
+    whole = RewardEncoder(backbone).fit_items(items, [0, 1, 2, 3, 4, 5])
+    assert torch.allclose(whole.norm(dim=-1), torch.ones(6))  # pooled: one unit vector, as before

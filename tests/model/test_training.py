@@ -51,7 +51,9 @@ def _first_shard(ws):
 def test_candidates_record_the_exact_conditioning_and_seeds(smoke):
     """Replaying a shard's recorded masks, α_r and seed regenerates the same codes."""
     from pigeon.artifacts import load_pigeon, window_encoder
+    from pigeon.data.raw import read_items
     from pigeon.data.users import read_windows
+    from pigeon.training.candidates import REFERENCE_COL, with_stage2_reference
 
     ws = smoke.run_until("candidates")
     params = smoke.params
@@ -66,8 +68,10 @@ def test_candidates_record_the_exact_conditioning_and_seeds(smoke):
 
     model = load_pigeon(params, ws, "stage1", "cpu")
     windows = read_windows(ws, "train").set_index("window_id").loc[meta["window_ids"]].reset_index()
+    windows = with_stage2_reference(windows, read_items(ws.raw), params.candidates.reference, params.seed)
     rows = (shard["seeds"] == shard["seeds"][0]).nonzero().flatten()  # the first generate call
-    batch = window_encoder(params, ws, model).batch(windows.iloc[: len(rows) // len(sweep)], target_col=None)
+    batch = window_encoder(params, ws, model).batch(windows.iloc[: len(rows) // len(sweep)],
+                                                    reference_col=REFERENCE_COL, target_col=None)
     cond = Conditioning(shard["history_keep"][rows], shard["reference_keep"][rows], shard["alpha_ref"][rows])
     with autocast(torch.device("cpu")):  # as the candidates stage runs it
         fresh = model.condition(batch.select(shard["window_row"][rows]), alpha_ref=shard["alpha_ref"][rows])
@@ -232,3 +236,24 @@ def test_stage1_killed_mid_run_resumes_to_the_same_weights(smoke, tmp_path):
         a = load_tensors(roots["whole"] / "models" / "stage1" / name)
         b = load_tensors(roots["killed"] / "models" / "stage1" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_stage2_references_are_another_style_and_another_emoji(smoke):
+    from pigeon.data.raw import read_items
+    from pigeon.data.users import read_windows
+    from pigeon.training.candidates import REFERENCE_COL, with_stage2_reference
+
+    ws = smoke.run_until("simulate")
+    items = read_items(ws.raw)
+    windows = read_windows(ws, "train", smoke.params.model.history_len).head(200)
+    picked = with_stage2_reference(windows, items, "cross_style", seed=0)
+    ref, target = items.loc[picked[REFERENCE_COL]], items.loc[picked["target_item"]]
+    assert (ref["style"].to_numpy() != target["style"].to_numpy()).all()
+    assert (ref["emoji_key"].to_numpy() != target["emoji_key"].to_numpy()).all()
+    # a pure function of (seed, window): the candidates, rank and dpo stages draw the same references
+    again = with_stage2_reference(windows.iloc[::-1], items, "cross_style", seed=0).iloc[::-1]
+    assert (again[REFERENCE_COL].to_numpy() == picked[REFERENCE_COL].to_numpy()).all()
+    assert (with_stage2_reference(windows, items, "cross_style", seed=1)[REFERENCE_COL].to_numpy()
+            != picked[REFERENCE_COL].to_numpy()).any()
+    same = with_stage2_reference(windows, items, "target", seed=0)
+    assert (same[REFERENCE_COL] == same["target_item"]).all()
