@@ -295,6 +295,10 @@ class EvaluatorsConfig(Section):
                                         "foundation tokenizer's reconstructions of the real images (0 = real only).")
     degrade: bool = Field(True, description="Also blur or palette-quantise a share of the training images, as "
                           "generated images are.")
+    style_width: int = Field(32, ge=0, description="Base width of a separate style network (its own trunk, a head "
+                             "on the channel mean and std); 0 = the style head shares the content trunk.")
+    style_reconstruction_share: float = Field(0.35, ge=0.0, le=1.0, description="With a style network: its share "
+                                              "of reconstructions per batch (never degraded: blur erases line weight).")
     clip_path: str | None = Field(None, description="Local CLIP folder for the paper's CLIP metrics.")
     dino_path: str | None = Field(None, description="Local DINO folder for the paper's DINO metrics.")
     holdout_emoji_fraction: float = Field(0.15, gt=0.0, lt=1.0,

@@ -149,7 +149,8 @@ def train_evaluator(images: np.ndarray, items: pd.DataFrame, cfg: EvaluatorsConf
     emoji_keys = sorted(items["emoji_key"].unique())
     split = make_holdout_split(items, cfg, seed)
     torch.manual_seed(seed)
-    net = EvaluatorNet(len(styles), len(emoji_keys), cfg.width, cfg.feature_dim, cfg.pooled_style).to(device)
+    net = EvaluatorNet(len(styles), len(emoji_keys), cfg.width, cfg.feature_dim, cfg.pooled_style,
+                       cfg.style_width).to(device)
     evaluator = Evaluator(net, styles, emoji_keys, images.shape[1], device)
 
     all_x = to_model_input(images, images.shape[1], device)
@@ -161,6 +162,14 @@ def train_evaluator(images: np.ndarray, items: pd.DataFrame, cfg: EvaluatorsConf
     masked_rows = np.flatnonzero(split.style_train | split.content_train)  # rows with a label to learn
     release_step = min(cfg.steps, max(1, round(cfg.release_holdout_at * cfg.steps)))
     held_out: dict | None = None
+
+    def mix(index: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
+        """The real images of ``index``, a ``share`` of them swapped for their reconstructions."""
+        x = all_x[index]
+        if recon_x is None or share <= 0:
+            return x
+        use = (torch.rand(len(index), generator=generator) < share).to(device)
+        return torch.where(use[:, None, None, None], recon_x[index], x)
 
     def step_fn(step: int) -> StepOutput:
         nonlocal held_out
@@ -174,24 +183,28 @@ def train_evaluator(images: np.ndarray, items: pd.DataFrame, cfg: EvaluatorsConf
             rows = batch_indices(len(items), cfg.batch_size, step - release_step, seed, "evaluators-all")
         index = torch.as_tensor(rows, device=device)
         generator = step_generator(seed, "evaluators-augment", step)
-        x = all_x[index]
-        if recon_x is not None and cfg.reconstruction_share > 0:
-            use = (torch.rand(len(index), generator=generator) < cfg.reconstruction_share).to(device)
-            x = torch.where(use[:, None, None, None], recon_x[index], x)
+        x = mix(index, cfg.reconstruction_share, generator)
         if cfg.degrade:
             x = degrade(x, generator)
         x = augment(x, generator)
         s_mask, c_mask = style_ok[index], content_ok[index]
+        c_index = index
         if cfg.content_views:  # a second, style-destroyed copy of the batch: content labels only
             x = torch.cat([x, content_view(x, generator)])
             c_mask = torch.cat([c_mask, c_mask])
-            s_mask = torch.cat([s_mask, torch.zeros_like(s_mask)])
-            index = torch.cat([index, index])
+            c_index = torch.cat([index, index])
         with autocast if autocast is not None else nullcontext():
-            _, style_logits, content_logits = net(x)
-        zero = style_logits.sum() * 0.0  # a batch may hold no label of one kind
-        loss_style = F.cross_entropy(style_logits.float()[s_mask], style_y[index][s_mask]) if s_mask.any() else zero
-        loss_content = (F.cross_entropy(content_logits.float()[c_mask], content_y[index][c_mask])
+            if net.style_trunk is None:
+                _, style_logits, content_logits = net(x)
+                style_logits = style_logits[: len(index)]
+            else:  # the style network sees its own mix, undegraded
+                x_style = augment(mix(index, cfg.style_reconstruction_share, generator), generator)
+                style_logits = net.style_logits(x_style)
+                content_logits = net.content(x)[1]
+        zero = content_logits.sum() * 0.0  # a batch may hold no label of one kind
+        loss_style = (F.cross_entropy(style_logits.float()[s_mask], style_y[index][s_mask]) if s_mask.any()
+                      else zero)
+        loss_content = (F.cross_entropy(content_logits.float()[c_mask], content_y[c_index][c_mask])
                         if c_mask.any() else zero)
         loss = loss_style + loss_content
         return StepOutput(loss, {"loss": loss.item(), "loss_style": loss_style.item(),

@@ -90,7 +90,28 @@ def test_evaluators_stage_outputs_and_held_out_accuracy(smoke, scored):
     # The saved weights reproduce the evaluator that was measured.
     images = scored["images"][:16]
     again = load_evaluator(ws.evaluators).predict(images)
-    assert np.allclose(again["features"], scored["evaluator"].predict(images)["features"], atol=1e-5)
+    first = scored["evaluator"].predict(images)
+    assert np.allclose(again["features"], first["features"], atol=1e-5)
+    assert (again["style"] == first["style"]).all() and config["style_width"] == smoke.params.evaluators.style_width
+
+
+def test_the_style_network_is_separate_from_the_content_network():
+    import torch
+
+    from pigeon.evaluation.evaluators import EvaluatorNet
+
+    torch.manual_seed(0)
+    net = EvaluatorNet(4, 7, width=8, feature_dim=16, style_width=8).eval()
+    x = torch.rand(5, 3, 32, 32) * 2 - 1
+    features, style, content = net(x)
+    with torch.no_grad():
+        for p in net.trunk.parameters():  # the content trunk changes …
+            p.add_(torch.randn_like(p))
+    features2, style2, content2 = net(x)
+    assert torch.equal(style, style2)  # … the style logits do not
+    assert not torch.allclose(content, content2) and not torch.allclose(features, features2)
+    shared = EvaluatorNet(4, 7, width=8, feature_dim=16, pooled_style=True).eval()
+    assert shared.style_trunk is None and shared(x)[1].shape == (5, 4)
 
 
 def test_ground_truth_images_score_like_the_evaluator(scored):
