@@ -297,7 +297,7 @@ class EvaluatorsConfig(Section):
                           "generated images are.")
     style_width: int = Field(32, ge=0, description="Base width of a separate style network (its own trunk, a head "
                              "on the channel mean and std); 0 = the style head shares the content trunk.")
-    style_reconstruction_share: float = Field(0.35, ge=0.0, le=1.0, description="With a style network: its share "
+    style_reconstruction_share: float = Field(0.15, ge=0.0, le=1.0, description="With a style network: its share "
                                               "of reconstructions per batch (never degraded: blur erases line weight).")
     clip_path: str | None = Field(None, description="Local CLIP folder for the paper's CLIP metrics.")
     dino_path: str | None = Field(None, description="Local DINO folder for the paper's DINO metrics.")
