@@ -164,11 +164,12 @@ def sample_codes(model: PromptModel, windows: WindowBatch, rows: WindowBatch, co
         visible = torch.zeros(n, 1, 1, attention.shape[1], dtype=decoder.dtype, device=device).masked_fill_(
             ~attention.bool()[:, None, None, :], float("-inf"))
     hidden = hidden[:, -1]
-    prior = 0.0
+    prior = None
     if sampling.history_prior > 0:
         prior = sampling.history_prior * history_code_prior(rows.history_codes, cond.history_keep, k)
     for step in range(t):
-        codes[:, step] = gumbel_sample(bb.image_logits(hidden)[:, :k].float() + prior, sampling, generator)
+        logits = bb.image_logits(hidden)[:, :k]
+        codes[:, step] = gumbel_sample(logits if prior is None else logits.float() + prior, sampling, generator)
         if step == t - 1:
             break
         end = p + step + 1

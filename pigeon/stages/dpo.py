@@ -16,6 +16,7 @@ import torch
 
 from pigeon.artifacts import inputs_fingerprint, load_pigeon, window_encoder
 from pigeon.config import Params
+from pigeon.data.raw import read_items
 from pigeon.distributed import is_main, local_device
 from pigeon.errors import DataError
 from pigeon.io import atomic_dir, load_tensors, tree_hash, write_json
@@ -37,8 +38,8 @@ def load_pairs(params: Params, ws: Workspace) -> dict[str, PairSet]:
     if len(tensors["chosen_codes"]) != len(table):
         raise DataError(f"{ws.pairs / 'pairs.safetensors'}: {len(tensors['chosen_codes'])} pairs, "
                         f"pairs.parquet has {len(table)}")
-    windows = lookup_windows(ws, table["window_id"].tolist(), params.model.history_len, path, params.candidates,
-                             params.seed)
+    windows = lookup_windows(ws, table["window_id"].tolist(), params.model.history_len, path, read_items(ws.raw),
+                             params.candidates, params.seed)
     cond = Conditioning(tensors["history_keep"], tensors["reference_keep"], tensors["alpha_ref"])
     out = {}
     for split in ("train", "val"):

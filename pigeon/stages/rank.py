@@ -36,7 +36,8 @@ from pigeon.training.candidates import REFERENCE_COL, lookup_windows, read_shard
 GRID_PAIRS = 8
 
 
-def _load_candidates(params: Params, ws: Workspace) -> tuple[dict, pd.DataFrame, dict[str, torch.Tensor], np.ndarray]:
+def _load_candidates(params: Params, ws: Workspace, items: pd.DataFrame
+                     ) -> tuple[dict, pd.DataFrame, dict[str, torch.Tensor], np.ndarray]:
     """All shards → (index, one row per window, tensors per candidate row, images [W, S, px, px, 3])."""
     index_path = ws.candidates / "index.json"
     if not index_path.is_file():
@@ -56,7 +57,7 @@ def _load_candidates(params: Params, ws: Workspace) -> tuple[dict, pd.DataFrame,
                 raise DataError(f"{path}: strip is {strip.shape}, expected {(size, size * per_window, 3)}")
             images.append(strip_images(strip, per_window))
     table = pd.concat(frames, ignore_index=True)
-    windows = lookup_windows(ws, table["window_id"].tolist(), params.model.history_len, ws.candidates,
+    windows = lookup_windows(ws, table["window_id"].tolist(), params.model.history_len, ws.candidates, items,
                              params.candidates, params.seed)
     table = pd.concat([table, windows.drop(columns=["window_id", "split"])], axis=1)
     merged = {k: torch.cat([t[k] for t in tensors]) for k in tensors[0]}
@@ -111,10 +112,11 @@ def _stats(x: torch.Tensor) -> dict[str, float]:
 def run(params: Params, ws: Workspace) -> dict:
     cfg = params.rank
     device = resolve_device(params.device)
-    index, table, cand, cand_images = _load_candidates(params, ws)
+    items = read_items(ws.raw)
+    index, table, cand, cand_images = _load_candidates(params, ws, items)
     sweep = index["alpha_sweep"]
     n_windows, per_window = cand_images.shape[:2]
-    item_images = load_images(ws.raw, params.backbone.image_size, read_items(ws.raw))
+    item_images = load_images(ws.raw, params.backbone.image_size, items)
     history_ids = table[history_columns(params.model.history_len)].to_numpy(np.int64, copy=True)
     reference_ids = table[REFERENCE_COL].to_numpy(np.int64, copy=True)  # what the candidates were generated from
 

@@ -89,18 +89,17 @@ def plan_candidates(train: pd.DataFrame, val: pd.DataFrame, cfg: CandidatesConfi
     return ShardPlan(windows, cfg.shard_size)
 
 
-def lookup_windows(ws, window_ids: list[str], history_len: int, source: Path, cfg: CandidatesConfig,
-                   seed: int) -> pd.DataFrame:
+def lookup_windows(ws, window_ids: list[str], history_len: int, source: Path, items: pd.DataFrame,
+                   cfg: CandidatesConfig, seed: int) -> pd.DataFrame:
     """The train/val window rows of ``window_ids``, in that order, with their ``stage2_reference`` (as
-    :func:`plan_candidates` drew it); an unknown id is a DataError naming ``source``."""
-    from pigeon.data.raw import read_items
+    :func:`plan_candidates` drew it from ``items``); an unknown id is a DataError naming ``source``."""
     from pigeon.data.users import read_windows
 
     known = pd.concat([read_windows(ws, s, history_len) for s in ("train", "val")]).set_index("window_id")
     unknown = set(window_ids) - set(known.index)
     if unknown:
         raise DataError(f"{source}: window {min(unknown)!r} is in no windows file (stale? re-run the stage)")
-    return with_stage2_reference(known.loc[list(window_ids)].reset_index(), read_items(ws.raw), cfg.reference, seed)
+    return with_stage2_reference(known.loc[list(window_ids)].reset_index(), items, cfg.reference, seed)
 
 
 def chunk_seed(seed: int, shard: int, chunk: int) -> int:

@@ -19,7 +19,7 @@ from transformers import get_cosine_schedule_with_warmup
 from pigeon.config import EvaluatorsConfig
 from pigeon.errors import ConfigError
 from pigeon.evaluation.evaluators import Evaluator, EvaluatorNet, to_model_input
-from pigeon.models.personalization import gaussian_blur
+from pigeon.models.personalization import LUMA, gaussian_blur
 from pigeon.seeds import step_generator
 from pigeon.training.loop import LoopProgress, StepOutput, TrainingLoop, batch_indices
 
@@ -62,7 +62,7 @@ def content_view(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
     edges of the luminance), or a random swap of the colour channels, one of them at random. What
     emoji it is survives; the vendor's palette and fills do not."""
     n = images.shape[0]
-    gray = (images * torch.tensor([0.299, 0.587, 0.114], device=images.device)[None, :, None, None]).sum(1, keepdim=True)
+    gray = (images * torch.tensor(LUMA, device=images.device)[None, :, None, None]).sum(1, keepdim=True)
     gx = F.pad(gray[..., :, 1:] - gray[..., :, :-1], (0, 1, 0, 0)).abs()
     gy = F.pad(gray[..., 1:, :] - gray[..., :-1, :], (0, 0, 0, 1)).abs()
     lines = torch.where(gx + gy > 0.25, -1.0, 1.0)
