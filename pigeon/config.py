@@ -320,6 +320,9 @@ class EvaluateConfig(Section):
     bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples for 95% intervals.")
     grid_users: int = Field(6, ge=1)
     sampling: SamplingConfig = SamplingConfig(temperature=0.5, history_prior=1.0)
+    style_strength: float = Field(0.5, ge=0.0, le=1.0, description="Style transfer in the detokenizer: the "
+                                  "decoded image's feature statistics move this far toward those of the kept "
+                                  "history tokens (0 = plain decoding; README, experiments).")
 
 
 class RegisterConfig(Section):
@@ -401,6 +404,10 @@ class Params(Section):
             raise ValueError("simulate.window must equal model.history_len + 1")
         if self.ingest.drift_style is not None and self.ingest.drift_style not in self.data.styles:
             raise ValueError(f"ingest.drift_style {self.ingest.drift_style!r} is not in data.styles")
+        if (self.backbone.kind == "tiny" and self.backbone.detokenizer == "diffusion"
+                and self.evaluate.style_strength > 0):
+            raise ValueError("evaluate.style_strength must be 0 with backbone.detokenizer: diffusion (the style "
+                             "transfer renormalises the VQ decoder's feature maps; the diffusion decoder has none)")
         return self
 
 

@@ -55,7 +55,7 @@ class Decision:
 
 # The generative baselines a candidate holds its semantics against: the models it is trained from (the
 # zero-shot foundation and stage 1). The other generative rows (pigeon_select, no_history_mask,
-# untrained_mask_generator, no_adapter) are the candidate itself used differently or with a part
+# untrained_mask_generator, no_adapter, no_style_transfer) are the candidate itself used differently or with a part
 # removed; reference_copy / nearest_history / tokenizer_ceiling / truth copy, retrieve or reconstruct.
 BASELINE_ROWS = ("stage1", "foundation")
 ZERO_SHOT_ROW = "foundation"

@@ -292,7 +292,7 @@ class PigeonGenerator:
             with autocast(self.device):
                 out = self.model.generate(batch, alpha_ref=alpha_ref, num_samples=1,
                                           sampling=self.params.evaluate.sampling, seed=request.seed)
-            image = self.model.decode(out.codes[:1]).float()[0]
+            image = self.model.decode_generated(out, batch, self.params.evaluate.style_strength).float()[0]
         return to_uint8(image[None])[0]
 
 

@@ -64,13 +64,13 @@ def generate_rows(params: Params, ws: Workspace, windows: pd.DataFrame, first_po
     seconds: dict[str, float] = {}
     state: dict = {}
 
-    def run_rows(model, method: str, alpha, condition_fn=None) -> None:
+    def run_rows(model, method: str, alpha, condition_fn=None, row_cfg=None) -> None:
         start = time.perf_counter()
         encoder = WindowEncoder(model.backbone, state["codes"], items, params.model,
                                 params.backbone.lm.max_caption_tokens)
         for p_index, (protocol, cols) in enumerate(PROTOCOLS.items()):
             seed = params.seed + PROTOCOL_STRIDE * p_index + first_position
-            images, codes = generate_images(model, encoder, windows, cols["reference"], alpha, cfg, seed,
+            images, codes = generate_images(model, encoder, windows, cols["reference"], alpha, row_cfg or cfg, seed,
                                             device, size, condition_fn, desc=f"{protocol}/{method}")
             tensors[f"{protocol}/{method}/codes"] = codes
             tensors[f"{protocol}/{method}/images"] = torch.from_numpy(images)
@@ -93,6 +93,7 @@ def generate_rows(params: Params, ws: Workspace, windows: pd.DataFrame, first_po
     run_rows(model, "pigeon", cfg.alpha_ref)
     run_rows(model, SELECT_METHOD, list(cfg.select_sweep))
     run_rows(model, "no_history_mask", cfg.alpha_ref, keep_all_history)
+    run_rows(model, "no_style_transfer", cfg.alpha_ref, row_cfg=cfg.model_copy(update={"style_strength": 0.0}))
     model.mask_generator.load_state_dict(initial_mask)
     run_rows(model, "untrained_mask_generator", cfg.alpha_ref)
     del model

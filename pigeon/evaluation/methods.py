@@ -3,8 +3,8 @@
 Generative rows run a Pigeon model (batched, bf16 autocast, seeded per batch so every model sees
 the same random stream for the same windows); baselines copy a real image. Inference-time
 ablations change one thing on the DPO model: the history mask (α_h = 0), the mask generator
-(its seeded initial weights, the authors' released behaviour, whose generator never trains) or
-the adapter (the `<emb>` slot gets its placeholder embedding).
+(its seeded initial weights, the authors' released behaviour, whose generator never trains), the
+adapter (the `<emb>` slot gets its placeholder embedding) or the detokenizer's style transfer (off).
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from pigeon.pixels import to_uint8
 from pigeon.runtime import autocast
 
 GENERATIVE = ("pigeon", "pigeon_select", "stage1", "foundation", "no_history_mask",
-              "untrained_mask_generator", "no_adapter")
+              "untrained_mask_generator", "no_adapter", "no_style_transfer")
 BASELINES = ("reference_copy", "nearest_history", "tokenizer_ceiling", "truth")
 METHODS = ("pigeon", "pigeon_select", "stage1", "foundation", "reference_copy", "nearest_history",
-           "no_history_mask", "untrained_mask_generator", "no_adapter", "tokenizer_ceiling", "truth")
+           "no_history_mask", "untrained_mask_generator", "no_adapter", "no_style_transfer", "tokenizer_ceiling",
+           "truth")
 SELECT_WEIGHTS = {"w_history": 0.5, "w_reference": 0.5}  # inference-time selection (docs/design.md §1)
 
 # Where each protocol takes the reference and the truth from (docs/design.md §3).
@@ -80,7 +81,7 @@ def generate_images(model, encoder: WindowEncoder, windows: pd.DataFrame, refere
             cond = condition_fn(model, batch, alpha_ref) if condition_fn is not None else None
             result = model.generate(batch, alpha_ref=list(alpha_ref) if samples > 1 else alpha_ref,
                                     num_samples=samples, sampling=cfg.sampling, seed=seed + start, cond=cond)
-            pixels = model.decode(result.codes)
+            pixels = model.decode_generated(result, batch, cfg.style_strength)
         images.append(to_uint8(pixels, image_size))
         codes.append(result.codes.cpu())
     if not images:

@@ -35,6 +35,11 @@ class Backbone(nn.Module, ABC):
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, T] → images [B, 3, S, S] in [-1, 1] (VQ decoder or diffusion detokenizer)."""
 
+    def style_layers(self) -> list[nn.Module]:
+        """Detokenizer modules whose output feature maps carry style statistics (docs/design.md §1.4:
+        the style transfer renormalises them); empty where the detokenizer has none to offer."""
+        return []
+
     @abstractmethod
     def condition_features(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, T] → dense visual features [B, T, cond_dim] (codebook vectors, through the

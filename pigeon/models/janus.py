@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pigeon.errors import CheckpointError, PigeonError
 from pigeon.models.backbone import Backbone
@@ -79,6 +80,10 @@ class JanusBackbone(Backbone):
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         return self.vqmodel.decode(codes).float().clamp(-1.0, 1.0)
+
+    def style_layers(self) -> list[nn.Module]:
+        # As the tiny VQ: the maps at the token grid's resolution, before any upsampling.
+        return [self.vqmodel.post_quant_conv, self.vqmodel.decoder.mid]
 
     def condition_features(self, codes: torch.Tensor) -> torch.Tensor:
         # The codebook vectors the VQ decoder reads (l2-normalised there too).

@@ -28,6 +28,7 @@ from pigeon.models.generation import sample_codes
 from pigeon.models.loading import peft_lora_config
 from pigeon.models.mask import MaskGenerator
 from pigeon.models.personalization import Adapter, masked_mean, style_tokens
+from pigeon.models.style_transfer import decode_in_style
 from pigeon.models.types import Conditioning, GenerationOutput, WindowBatch
 
 
@@ -277,6 +278,15 @@ class PigeonModel(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [N, T] → images [N, 3, S, S] in [-1, 1]."""
         return self.backbone.decode_codes(codes)
+
+    def decode_generated(self, out: GenerationOutput, batch: WindowBatch, style_strength: float = 0.0) -> torch.Tensor:
+        """The images of :meth:`generate`'s output. With ``style_strength`` > 0 the detokenizer takes the
+        feature statistics of each row's kept history tokens (docs/design.md §1.4, style transfer)."""
+        if style_strength <= 0:
+            return self.decode(out.codes)
+        index = out.window_index.to(batch.history_codes.device)
+        return decode_in_style(self.backbone, out.codes, batch.history_codes.index_select(0, index),
+                               out.conditioning.history_keep, style_strength)
 
     # --- persistence --------------------------------------------------------------------------
     def _signature(self) -> dict:

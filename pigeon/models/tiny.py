@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel, VQModel
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pigeon.config import BackboneConfig
@@ -142,6 +143,12 @@ class TinyBackbone(Backbone):
             return self.vq_decode(codes)
         generator = torch.Generator().manual_seed(DECODE_SEED)
         return self.diffusion.sample(self.code_vectors(codes), generator)
+
+    def style_layers(self) -> list[nn.Module]:
+        # The 8 × 8 maps right after the codebook (post-quant conv, middle block): one position per token,
+        # so the kept-history weights apply as they are. Measured: adding the upsampling blocks lost
+        # content for no style (README, experiments). The diffusion detokenizer offers none.
+        return [self.vq.post_quant_conv, self.vq.decoder.mid_block] if self.diffusion is None else []
 
     def condition_features(self, codes: torch.Tensor) -> torch.Tensor:
         vectors = self.code_vectors(codes)

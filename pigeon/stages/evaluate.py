@@ -61,7 +61,7 @@ from pigeon.shards import (
 
 FRECHET_RESAMPLES = 200  # one eigenproblem per resample: capped to keep the stage short
 SWEEP_METHOD = "pigeon_sweep"  # every α_r candidate behind pigeon_select
-GENERATION_KEYS = ("alpha_ref", "select_sweep", "batch_size", "sampling")  # the evaluate keys images depend on
+GENERATION_KEYS = ("alpha_ref", "select_sweep", "batch_size", "sampling", "style_strength")  # the evaluate keys images depend on
 SAMPLES_DIR = ("samples", "test")
 PROTOCOL_NOTES = {
     "ground_truth": "Reference = the target emoji drawn in a style other than the user's preferred one; "
@@ -313,7 +313,8 @@ def run(params: Params, ws: Workspace) -> dict:
              ("`foundation` = a fresh Pigeon head (untrained LoRA, adapter, mask generator) zero-shot; "
              "`untrained_mask_generator` = the DPO model with the mask generator's seeded initial weights (the "
              "authors' released code never trains it); `no_history_mask` = α_h = 0; `no_adapter` = no `<emb>` "
-             "vector. Every generated image is under `samples/test/` with `index.csv`.")]
+             f"vector; `no_style_transfer` = plain decoding (style strength {cfg.style_strength:g} in the other "
+             "generative rows). Every generated image is under `samples/test/` with `index.csv`.")]
     write_results_md(ws.reports / "results.md", metrics, metric_list, list(METHODS), PROTOCOL_NOTES, notes)
     write_json(ws.reports / "metrics.json", metrics)
     headline = {p: {k: round(values[p]["pigeon"][k], 4) for k in ("style_accuracy", "content_accuracy",

@@ -12,7 +12,7 @@ import pytest
 from pigeon.data.raw import load_images, read_items
 from pigeon.data.users import history_columns, read_windows
 from pigeon.evaluation.evaluators import load_evaluator, pretrained_encoders
-from pigeon.evaluation.methods import METHODS, PROTOCOLS, RewardSelector, baseline_images
+from pigeon.evaluation.methods import GENERATIVE, METHODS, PROTOCOLS, RewardSelector, baseline_images
 from pigeon.evaluation.metrics import WindowScorer
 from pigeon.io import read_json
 
@@ -274,7 +274,7 @@ def test_evaluation_shards_give_the_same_images_whatever_the_shard_size(tmp_path
     whole_reports, whole = generate(12)
     sharded_reports, sharded = generate(4)
     assert len(whole_reports) == 1 and len(sharded_reports) == 3
-    assert len(whole) == 2 * 7 * 2  # protocols × generative rows × (codes, images)
+    assert len(whole) == 2 * len(GENERATIVE) * 2  # protocols × generative rows × (codes, images)
     assert whole["paper/pigeon_select/codes"].shape[0] == 12 * 2  # every window × the selection sweep
     for key, value in whole.items():
         assert torch.equal(sharded[key], value), key

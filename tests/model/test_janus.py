@@ -12,6 +12,7 @@ from pigeon.config import load_params
 from pigeon.errors import CheckpointError
 from pigeon.models.janus import JanusBackbone
 from pigeon.models.pigeon import PigeonModel, WindowBatch
+from pigeon.models.style_transfer import decode_in_style
 from pigeon.paths import Workspace
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,6 +98,17 @@ def test_backbone_contract(backbone):
     table = backbone.model.get_input_embeddings().weight
     assert torch.equal(backbone.special_embedding("img"), table[backbone.boi_token_id])
     assert backbone.boi_token_id == SPECIAL.index("<begin_of_image>")
+
+
+def test_style_transfer_runs_on_the_janus_detokenizer(backbone):
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, K, (2, SIDE * SIDE), generator=g)
+    history = torch.randint(0, K, (2, 3, SIDE * SIDE), generator=g)
+    keep = torch.ones(2, 3, SIDE * SIDE, dtype=torch.bool)
+    with torch.no_grad():
+        plain = backbone.decode_codes(codes)
+        styled = decode_in_style(backbone, codes, history, keep, 1.0)
+    assert styled.shape == plain.shape and not torch.allclose(styled, plain, atol=1e-4)
 
 
 def test_caption_prompt_left_padded_and_truncated_in_the_caption(backbone):

@@ -91,6 +91,7 @@ def test_profile_from_environment(monkeypatch):
         ),
         (lambda d: d["backbone"].update(image_size=128), r"backbone\.image_size 128 is not in data\.sizes"),
         (lambda d: d.update(simulate=[1, 2]), r"simulate: .*valid dictionary"),
+        (lambda d: d["backbone"].update(detokenizer="diffusion"), r"evaluate\.style_strength must be 0"),
     ],
     ids=[
         "unknown-top",
@@ -109,6 +110,7 @@ def test_profile_from_environment(monkeypatch):
         "split-sum",
         "cross-section",
         "section-not-mapping",
+        "style-transfer-needs-vq",
     ],
 )
 def test_bad_params_name_the_key(params_dir, change, message):
