@@ -7,15 +7,7 @@ import torch
 
 from pigeon.errors import ConfigError
 from pigeon.models.style_transfer import decode_in_style, keep_weights, renormalise, weighted_statistics
-from tests.model.test_pigeon import make_batch, make_model, tiny_backbone
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.model.test_pigeon import make_batch, make_model, one_thread, tiny_backbone  # noqa: F401 (autouse)
 
 
 @pytest.fixture(scope="module")
