@@ -29,3 +29,10 @@ def numpy_rng(seed: int, *names: object) -> np.random.Generator:
     import numpy as np
 
     return np.random.default_rng(derive_seed(seed, *names))
+
+
+def subset_rows(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """``size`` distinct row numbers of ``n`` (all when fewer) drawn from ``rng``, in ascending order."""
+    import numpy as np
+
+    return np.sort(rng.choice(n, size=min(size, n), replace=False))

@@ -88,7 +88,7 @@ def decode_in_style(backbone, codes: torch.Tensor, history_codes: torch.Tensor, 
     row whose mask keeps no history token decodes plainly."""
     layers = backbone.style_layers()
     if not layers:
-        raise ConfigError(f"sampling.style_strength: {type(backbone).__name__} with this detokenizer has no "
+        raise ConfigError(f"evaluate.style_strength: {type(backbone).__name__} with this detokenizer has no "
                           "style layers; set it to 0")
     n, h, t = history_codes.shape
     if codes.shape[0] != n or history_keep.shape != history_codes.shape:
@@ -106,13 +106,13 @@ def decode_in_style(backbone, codes: torch.Tensor, history_codes: torch.Tensor, 
     with _hooks(layers, record):
         backbone.decode_codes(history_codes.reshape(n * h, t))
     if any(target is None for target in targets):
-        raise ConfigError("sampling.style_strength: the detokenizer did not run the backbone's style layers")
+        raise ConfigError("evaluate.style_strength: the detokenizer did not run the backbone's style layers")
 
     def apply(i):
         def hook(module, args, output):
             mean, std, total = targets[i]
-            rows = torch.where(total > 0, torch.full_like(total, float(strength)), torch.zeros_like(total))
-            return _replace(output, renormalise(_tensor(output), mean, std, rows))
+            blend = torch.where(total > 0, torch.full_like(total, float(strength)), torch.zeros_like(total))
+            return _replace(output, renormalise(_tensor(output), mean, std, blend))
         return hook
 
     with _hooks(layers, apply):

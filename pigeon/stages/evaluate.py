@@ -50,7 +50,7 @@ from pigeon.evaluation.report import (
 from pigeon.io import atomic_dir, read_json, tree_hash, write_json
 from pigeon.paths import Workspace
 from pigeon.runtime import resolve_device
-from pigeon.seeds import numpy_rng
+from pigeon.seeds import numpy_rng, subset_rows
 from pigeon.shards import (
     ShardPlan,
     drop_shards_beyond,
@@ -74,7 +74,7 @@ PROTOCOL_NOTES = {
 def test_subset(windows: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
     """A fixed, seeded subset of the test windows, in file order."""
     rng = numpy_rng(seed, "evaluate-test-windows")
-    pick = np.sort(rng.choice(len(windows), size=min(size, len(windows)), replace=False))
+    pick = subset_rows(rng, len(windows), size)
     return windows.iloc[pick].reset_index(drop=True)
 
 

@@ -31,7 +31,7 @@ from pigeon.errors import DataError
 from pigeon.io import atomic_dir
 from pigeon.pixels import to_uint8
 from pigeon.runtime import autocast
-from pigeon.seeds import numpy_rng
+from pigeon.seeds import numpy_rng, subset_rows
 from pigeon.shards import (
     ShardPlan,
     read_tensor_shard,
@@ -47,7 +47,7 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 def seeded_subset(windows: pd.DataFrame, size: int, seed: int, split: str) -> pd.DataFrame:
     """``size`` windows (all when fewer), drawn with a seed of their own, in file order."""
     rng = numpy_rng(seed, "candidates-windows", split)
-    rows = np.sort(rng.choice(len(windows), size=min(size, len(windows)), replace=False))
+    rows = subset_rows(rng, len(windows), size)
     return windows.iloc[rows].assign(split=split)
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from transformers import get_cosine_schedule_with_warmup
@@ -27,7 +26,7 @@ from pigeon.config import Stage1Config
 from pigeon.distributed import DataParallel
 from pigeon.errors import DataError
 from pigeon.runtime import autocast
-from pigeon.seeds import numpy_rng, step_generator
+from pigeon.seeds import numpy_rng, step_generator, subset_rows
 from pigeon.training.checkpoint import freeze_all_but, load_checkpoint, save_checkpoint
 from pigeon.training.loop import LoopProgress, StepOutput, TrainingLoop, batch_indices
 
@@ -37,7 +36,7 @@ def validation_subset(windows: pd.DataFrame, size: int, seed: int) -> tuple[pd.D
     if len(windows) == 0:
         raise DataError("windows_val.parquet: no validation windows (stage1 needs a validation subset)")
     rng = numpy_rng(seed, "stage1-validation")  # never the train order's stream
-    rows = np.sort(rng.choice(len(windows), size=min(size, len(windows)), replace=False))
+    rows = subset_rows(rng, len(windows), size)
     alpha_ref = torch.from_numpy(rng.random(len(rows))).float()
     return windows.iloc[rows].reset_index(drop=True), alpha_ref
 
