@@ -206,6 +206,9 @@ class ModelConfig(Section):
         "pooled: the paper's single <emb> vector (ablation).")
     reference_views: int = Field(4, ge=0, description="Random style-stripped training views per reference image "
                                  "(view 0, plain grayscale, is the inference view).")
+    history_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Share of training windows whose whole "
+                                   "history is masked, so the model also learns the history-free distribution "
+                                   "that sampling.history_guidance pushes away from; 0 = off (README, experiments).")
 
 
 class LoraConfig(Section):
@@ -221,6 +224,9 @@ class SamplingConfig(Section):
     history_prior: float = Field(0.0, ge=0.0, description="Weight of the history's code prior: the log-frequency "
                                  "of each code among the kept history tokens (smoothed) added to the logits. "
                                  "Trades content for style; 0 = off (README, experiments).")
+    history_guidance: float = Field(1.0, ge=0.0, description="Classifier-free guidance on the history: logits = "
+                                    "history-free + scale × (with history − history-free); 1 = off, 0 = the "
+                                    "history-free model. Pair with model.history_dropout > 0 (README, experiments).")
 
 
 class Stage1Config(Section):

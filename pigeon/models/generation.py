@@ -126,9 +126,16 @@ def sample_codes(model: PromptModel, windows: WindowBatch, rows: WindowBatch, co
     ``use_cache`` with ``fast_decode`` steps through :class:`~pigeon.models.decoding.FastDecoder`
     after the library's prefill; without it every step is a library forward (the reference)."""
     bb = model.backbone
-    n, t, k = len(rows), bb.tokens_per_image, bb.codebook_size
+    t, k = bb.tokens_per_image, bb.codebook_size
     device = rows.history_codes.device
     history_mask, reference_mask = cond.history_keep.float(), cond.reference_keep.float()
+    out_rows = len(rows)
+    guided = sampling.history_guidance != 1.0
+    if guided:  # rows [0, N) with the history, [N, 2N) without it; both halves are fed the same sampled codes
+        rows = rows.select(torch.arange(out_rows, device=device).repeat(2))
+        history_mask = torch.cat([history_mask, torch.zeros_like(history_mask)])
+        reference_mask = reference_mask.repeat(2, 1)
+    n = len(rows)
     attention = torch.cat([rows.caption_mask.long(),
                            rows.caption_mask.new_ones(n, model.history_len + model.query_length + t)], dim=1)
     positions = model.positions(attention)
@@ -136,8 +143,8 @@ def sample_codes(model: PromptModel, windows: WindowBatch, rows: WindowBatch, co
     codes = torch.empty(n, t, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     if use_cache:
-        share = samples > 1 and torch.equal(cond.history_keep[::samples].repeat_interleave(samples, 0),
-                                            cond.history_keep)
+        share = not guided and samples > 1 and torch.equal(
+            cond.history_keep[::samples].repeat_interleave(samples, 0), cond.history_keep)
         context_rows, context_mask = (windows, history_mask[::samples]) if share else (rows, history_mask)
         context, context_attention = model.context(context_rows, context_mask)
         cache = preallocated_cache(p + t)
@@ -166,10 +173,14 @@ def sample_codes(model: PromptModel, windows: WindowBatch, rows: WindowBatch, co
     hidden = hidden[:, -1]
     prior = None
     if sampling.history_prior > 0:
-        prior = sampling.history_prior * history_code_prior(rows.history_codes, cond.history_keep, k)
+        prior = sampling.history_prior * history_code_prior(rows.history_codes[:out_rows], cond.history_keep, k)
     for step in range(t):
         logits = bb.image_logits(hidden)[:, :k]
-        codes[:, step] = gumbel_sample(logits if prior is None else logits.float() + prior, sampling, generator)
+        if guided:  # classifier-free guidance on the history (as LlamaGen and Janus-Pro guide on text)
+            with_history, without = logits.float().chunk(2)
+            logits = without + sampling.history_guidance * (with_history - without)
+        sampled = gumbel_sample(logits if prior is None else logits.float() + prior, sampling, generator)
+        codes[:, step] = sampled.repeat(2) if guided else sampled
         if step == t - 1:
             break
         end = p + step + 1
@@ -184,4 +195,4 @@ def sample_codes(model: PromptModel, windows: WindowBatch, rows: WindowBatch, co
         else:
             seq = torch.cat([prefix, bb.embed_codes(codes[:, :step + 1]).to(prefix.dtype)], dim=1)
             hidden = bb.transformer(seq, attention[:, :end], positions[:, :end])[0][:, -1]
-    return codes
+    return codes[:out_rows]

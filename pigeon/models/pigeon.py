@@ -149,6 +149,11 @@ class PigeonModel(nn.Module):
             reference_keep, reference_mask = self.mask_generator.reference_mask(reference_scores, alpha, training)
         if repeat > 1:
             history_keep, history_mask = (x.repeat_interleave(repeat, dim=0) for x in (history_keep, history_mask))
+        if training and self.cfg.history_dropout > 0:  # no draw when off: the default's random stream is unchanged
+            gen_device = generator.device if generator is not None else history_keep.device
+            dropped = torch.rand(len(history_keep), generator=generator, device=gen_device).to(history_keep.device)
+            kept = (dropped >= self.cfg.history_dropout)[:, None, None]
+            history_keep, history_mask = history_keep & kept, history_mask * kept.to(history_mask.dtype)
         cond = Conditioning(history_keep, reference_keep, alpha)
         return cond, history_mask, reference_mask, history_embeds
 

@@ -168,16 +168,19 @@ def test_generation_same_codes_with_and_without_cache(model):
     assert torch.equal(replay.codes, cached.codes)
 
 
-@pytest.mark.parametrize("alpha_ref, samples", [([0.0, 1.0], 1), (0.5, 3), (0.3, 1)])
-def test_fast_decode_gives_the_library_forward_codes(model, alpha_ref, samples):
-    """The lean decode step (LoRA merged, fused products) against a library forward per step and no cache."""
+@pytest.mark.parametrize("alpha_ref, samples, guidance", [([0.0, 1.0], 1, 1.0), (0.5, 3, 1.0), (0.3, 1, 1.0),
+                                                            (0.5, 3, 2.5)])
+def test_fast_decode_gives_the_library_forward_codes(model, alpha_ref, samples, guidance):
+    """The lean decode step (LoRA merged, fused products) against a library forward per step and no cache;
+    with history guidance too (guided rows beside their history-free twins)."""
     from pigeon.models.decoding import fast_decoder
 
     assert fast_decoder(model.backbone.decoder_body(), torch.float32) is not None  # the fast path is taken
     batch = make_batch(model, b=4, seed=3)  # four captions of different lengths: left padding in play
-    fast = model.generate(batch, alpha_ref, num_samples=samples, seed=11)
-    library = model.generate(batch, alpha_ref, num_samples=samples, seed=11, fast_decode=False)
-    uncached = model.generate(batch, alpha_ref, num_samples=samples, seed=11, use_cache=False)
+    sampling = SamplingConfig(history_guidance=guidance)
+    fast = model.generate(batch, alpha_ref, num_samples=samples, seed=11, sampling=sampling)
+    library = model.generate(batch, alpha_ref, num_samples=samples, seed=11, fast_decode=False, sampling=sampling)
+    uncached = model.generate(batch, alpha_ref, num_samples=samples, seed=11, use_cache=False, sampling=sampling)
     assert torch.equal(fast.codes, library.codes) and torch.equal(fast.codes, uncached.codes)
 
 
@@ -365,3 +368,49 @@ def test_history_prior_pulls_sampled_codes_toward_the_history(model):
                         for i in range(len(codes))])
 
     assert share_in_history(pulled) > 0.9 > share_in_history(plain)
+
+
+def test_history_guidance_zero_samples_the_history_free_model(model):
+    """Guidance scale 0 leaves only the history-free logits: the same codes as sampling plainly with every
+    history token masked (the guided rows run beside their history-free twins in one batch)."""
+    batch = make_batch(model, b=3, seed=5)
+    cond = model.generate(batch, 0.0, seed=0).conditioning
+    free = Conditioning(torch.zeros_like(cond.history_keep), cond.reference_keep, cond.alpha_ref)
+    cool = SamplingConfig(temperature=0.1)  # at 1.0 the random model's history moves few draws
+    guided = model.generate(batch, 0.0, sampling=cool.model_copy(update={"history_guidance": 0.0}), seed=0,
+                            cond=cond).codes
+    plain_free = model.generate(batch, 0.0, sampling=cool, seed=0, cond=free).codes
+    plain = model.generate(batch, 0.0, sampling=cool, seed=0, cond=cond).codes
+    assert guided.shape == plain.shape
+    assert (guided == plain_free).float().mean() > 0.95  # batch-size rounding may flip a rare near-tie
+    assert (plain_free == plain).float().mean() < 0.9  # the history matters in this model: the test can fail
+
+
+def test_history_guidance_moves_samples_away_from_the_history_free_ones(model):
+    batch = make_batch(model, b=4, seed=6)
+    cond = model.generate(batch, 0.0, seed=0).conditioning
+    free = Conditioning(torch.zeros_like(cond.history_keep), cond.reference_keep, cond.alpha_ref)
+    cool = SamplingConfig(temperature=0.1)
+    plain_free = model.generate(batch, 0.0, sampling=cool, seed=0, cond=free).codes
+
+    def agreement(scale):
+        sampling = cool.model_copy(update={"history_guidance": scale})
+        return float((model.generate(batch, 0.0, sampling=sampling, seed=0, cond=cond).codes == plain_free)
+                     .float().mean())
+
+    assert agreement(0.0) > agreement(1.0) > agreement(4.0)
+
+
+def test_history_dropout_masks_whole_histories_in_training_only():
+    params = smoke()
+    torch.manual_seed(0)
+    dropping = PigeonModel(tiny_backbone(), params.model.model_copy(update={"history_dropout": 0.5}))
+    batch = make_batch(dropping, b=64, seed=7)
+    cond = dropping.condition(batch, training=True, generator=torch.Generator().manual_seed(0))
+    per_row = cond.history_keep.flatten(1).any(dim=1)
+    assert 0.25 < float((~per_row).float().mean()) < 0.75  # about half the windows lose their whole history
+    assert bool(cond.history_keep[per_row].any())
+    inference = dropping.condition(batch, alpha_ref=0.0)
+    assert bool(inference.history_keep.flatten(1).any(dim=1).all())  # never at inference
+    loss, metrics = dropping.loss(batch)
+    assert torch.isfinite(loss) and metrics["history_kept"] < inference.history_keep.float().mean()
