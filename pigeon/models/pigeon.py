@@ -79,6 +79,12 @@ def query_embeds(bb: Backbone, reference_codes, reference_mask, dtype, adapter: 
     return torch.cat([grid, img], dim=1)
 
 
+def _uniform(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """n draws from U(0, 1) on ``device``, from ``generator`` (on its own device) or the global stream."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(n, generator=generator, device=gen_device).to(device)
+
+
 class PigeonModel(nn.Module):
     def __init__(self, backbone: Backbone, cfg: ModelConfig):
         super().__init__()
@@ -126,8 +132,7 @@ class PigeonModel(nn.Module):
         if alpha_ref is None:
             if not training:
                 raise PigeonError("alpha_ref is required at inference")
-            gen_device = generator.device if generator is not None else device
-            return torch.rand(n, generator=generator, device=gen_device).to(device)
+            return _uniform(n, generator, device)
         alpha = torch.as_tensor(alpha_ref, dtype=torch.float32, device=device).flatten()
         if alpha.numel() == 1:
             alpha = alpha.expand(n)
@@ -150,9 +155,8 @@ class PigeonModel(nn.Module):
         if repeat > 1:
             history_keep, history_mask = (x.repeat_interleave(repeat, dim=0) for x in (history_keep, history_mask))
         if training and self.cfg.history_dropout > 0:  # no draw when off: the default's random stream is unchanged
-            gen_device = generator.device if generator is not None else history_keep.device
-            dropped = torch.rand(len(history_keep), generator=generator, device=gen_device).to(history_keep.device)
-            kept = (dropped >= self.cfg.history_dropout)[:, None, None]
+            kept = (_uniform(len(history_keep), generator, history_keep.device) >= self.cfg.history_dropout)
+            kept = kept[:, None, None]
             history_keep, history_mask = history_keep & kept, history_mask * kept.to(history_mask.dtype)
         cond = Conditioning(history_keep, reference_keep, alpha)
         return cond, history_mask, reference_mask, history_embeds
